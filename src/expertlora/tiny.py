@@ -35,13 +35,15 @@ FAMILIES: dict[str, dict] = {
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
     ),
 }
-# Non-expert linear modules worth a LoRA in each family (attention, shared experts, dense MLP).
+# Non-expert linear modules worth a LoRA in each family (attention, shared experts).
+# peft 0.21 on transformers 5 rewrites DeepSeek targets named gate_proj / up_proj / down_proj
+# (shared experts, dense MLP) into the fused experts' gate_up_proj, so DeepSeek gets attention only.
 NON_EXPERT_TARGETS: dict[str, list[str]] = {
     "qwen3_moe": ["q_proj", "o_proj"],
     "qwen2_moe": ["q_proj", "shared_expert.gate_proj", "shared_expert.down_proj"],
     "mixtral": ["q_proj", "v_proj"],
-    "deepseek_v3": ["q_b_proj", "shared_experts.up_proj", "mlp.gate_proj"],
-    "deepseek_v2": ["kv_b_proj", "shared_experts.down_proj", "mlp.up_proj"],
+    "deepseek_v3": ["q_b_proj", "o_proj"],
+    "deepseek_v2": ["kv_b_proj", "o_proj"],
 }
 
 

@@ -80,7 +80,7 @@ class StackedReader(AdapterReader):
                 specs[L] = {}
                 for proj in projs:
                     r = shapes[tensor_key(L, proj, "a")][1] if len(shapes[tensor_key(L, proj, "a")]) == 3 else -1
-                    spec = config.spec(f"model.layers.{L}.mlp.experts.{proj}_proj") if config else None
+                    spec = config.spec(_kt_module_name(config, L, proj)) if config else None
                     if spec is None:
                         if lora_alpha is None:
                             raise AdapterError(path.parent / "adapter_config.json", None, "the adapter's config (lora_alpha) or --lora-alpha", "no such file")
@@ -156,6 +156,13 @@ def _layout(specs: dict) -> str:
     return "{" + ", ".join(f"{L}: {'/'.join(sorted(p))}" for L, p in sorted(specs.items())) + "}"
 
 
+def _kt_module_name(config: PeftLoraConfig, layer: int, proj: str) -> str:
+    """The name the config's rank / alpha patterns are written against, in the config's own style."""
+    if config.target_parameters:
+        return f"model.layers.{layer}.mlp.experts.{'down_proj' if proj == 'down' else 'gate_up_proj'}"
+    return f"model.layers.{layer}.mlp.experts.0.{proj}_proj"
+
+
 def _kt_config(path: Path) -> PeftLoraConfig | None:
     cfg = path.parent / "adapter_config.json"
     return PeftLoraConfig.from_file(cfg) if cfg.is_file() else None
@@ -202,7 +209,7 @@ def write_safetensors(
     """
     entries, offset = {}, 0
     for L in sorted(info.layers):
-        for proj in info.layers[L]:
+        for proj in (p for p in PROJECTIONS if p in info.layers[L]):  # the order LayerLoRA.projections() yields
             for ab, shape in zip("ab", info.expert_shapes(L, proj)):
                 size = math.prod(shape) * dtype.itemsize
                 entries[tensor_key(L, proj, ab)] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import AdapterError, shape_str
-from ..lora import AdapterInfo, LayerLoRA, LoRASpec, ModuleLoRA, ProjLoRA
+from ..lora import PROJECTIONS, AdapterInfo, LayerLoRA, LoRASpec, ModuleLoRA, ProjLoRA
 from ..model_config import MoEConfig
 from ..peft_config import PeftLoraConfig
 from .base import SAFETENSORS_DTYPES, AdapterReader, check_finite, check_shape
@@ -141,7 +141,7 @@ class PeftPerExpertReader(AdapterReader):
         dims: dict[str, int] = {"H": base.hidden_size, "I": base.intermediate_size} if base else {}
         layers: dict[int, dict[str, LoRASpec]] = defaultdict(dict)
         self.keys: dict[tuple[int, str], tuple[list[str], list[str]]] = {}
-        for (L, proj), modules in sorted(scan.per_expert_module.items()):
+        for (L, proj), modules in sorted(scan.per_expert_module.items(), key=lambda kv: (kv[0][0], PROJECTIONS.index(kv[0][1]))):
             a_keys, b_keys = scan.per_expert[(L, proj, "A")], scan.per_expert[(L, proj, "B")]
             for ab, keys in (("A", a_keys), ("B", b_keys)):
                 missing = sorted(set(range(E)) - set(keys))
