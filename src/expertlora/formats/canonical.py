@@ -226,5 +226,6 @@ def write_safetensors(
                     name = next(names)
                     assert name == tensor_key(layer.layer, proj, ab) and list(t.shape) == entries[name]["shape"], name
                     f.write(t.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+            del layer, lora, t  # free this layer before the next one is read
         f.flush()
         os.fsync(f.fileno())

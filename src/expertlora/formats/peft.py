@@ -188,9 +188,11 @@ class PeftPerExpertReader(AdapterReader):
         # One open per layer: the file's mmap is released after, so RSS stays near one layer.
         with safe_open(self.scan.path, framework="pt") as f:
             for proj, spec in self.info.layers[layer].items():
-                a_keys, b_keys = self.keys[(layer, proj)]
-                a = torch.stack([check_finite(self.info.path, k, f.get_tensor(k)) for k in a_keys])
-                b = torch.stack([check_finite(self.info.path, k, f.get_tensor(k)) for k in b_keys])
+                a_shape, b_shape = self.info.expert_shapes(layer, proj)
+                a, b = torch.empty(a_shape, dtype=self.info.dtype), torch.empty(b_shape, dtype=self.info.dtype)
+                for stacked, keys in ((a, self.keys[(layer, proj)][0]), (b, self.keys[(layer, proj)][1])):
+                    for e, key in enumerate(keys):  # copied into place: no second copy of the layer
+                        stacked[e] = check_finite(self.info.path, key, f.get_tensor(key))
                 setattr(out, proj, ProjLoRA(a, b, spec))
         return out
 
