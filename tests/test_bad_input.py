@@ -150,6 +150,19 @@ def fused_copy(fused_adapter, tmp_path):
     return dst, base.path.parent
 
 
+# ---- the control: the unbroken sources all work ---------------------------------------------------
+
+
+def test_good_sources_work(tmp_path):
+    """Each bad input below is one of these with one thing broken; unbroken, every command succeeds."""
+    sources = [per_expert(tmp_path), write_canonical(tmp_path / "canon.safetensors"), write_seed_pt(tmp_path / "seed.pt")]
+    for i, src in enumerate(sources):
+        for argv in (["inspect", src], ["convert", src, "-o", tmp_path / f"c{i}.safetensors"], ["export-peft", src, "-o", tmp_path / f"e{i}"]):
+            result = cli(*argv, "--no-progress")
+            assert result.exit_code == 0, (argv, result.stderr, result.exception)
+            assert result.stderr == ""
+
+
 # ---- 1. a missing expert -------------------------------------------------------------------------
 
 
@@ -169,7 +182,13 @@ def test_missing_last_expert_in_one_layer(tmp_path):
     # The expert count comes from the other layer; the last expert of layer 1 is then missing.
     src = per_expert(tmp_path)
     edit_tensors(src / WEIGHTS, lambda t: [t.pop(pe_key(1, E - 1, "gate_proj", ab)) for ab in "AB"])
-    all_refused(src, tmp_path, WEIGHTS, f"layers.1.experts.{E - 1}.gate_proj.lora_A.weight", f"all {E} experts")
+    all_refused(src, tmp_path, WEIGHTS, "layers.1.", f"experts.{E - 1}.", "lora_A.weight", f"all {E} experts of layer 1")
+
+
+def test_missing_expert_message_names_the_real_key(tmp_path):
+    src = per_expert(tmp_path)
+    edit_tensors(src / WEIGHTS, lambda t: [t.pop(pe_key(1, E - 1, "gate_proj", ab)) for ab in "AB"])
+    all_refused(src, tmp_path, WEIGHTS, f"model.layers.1.mlp.experts.{E - 1}.gate_proj.lora_A.weight", commands=("inspect",))
 
 
 def test_missing_lora_b_of_one_expert(tmp_path):
@@ -195,7 +214,7 @@ def test_missing_partner_in_canonical_file(tmp_path):
         (pe_key(2, 2, "gate_proj", "A"), (R, H - 2), f"[{R}, {H}]"),  # another in-dim
         (pe_key(2, 2, "up_proj", "B"), (I, R - 1), f"[{I}, {R}]"),  # B does not match its A
         (pe_key(1, 4, "down_proj", "A"), (R, I + 1), f"[{R}, {I}]"),  # down: in-dim is I
-        (pe_key(1, 0, "gate_proj", "A"), (R, H, 1), "[4, 32]"),  # not 2-D
+        (pe_key(1, 0, "gate_proj", "A"), (R, H, 1), "a 2-D LoRA matrix"),  # not 2-D
     ],
     ids=["rank", "in-dim", "B-vs-A", "down-in-dim", "3-D"],
 )
@@ -247,7 +266,6 @@ def test_inconsistent_seed_pt_shapes(tmp_path):
     all_refused(src, tmp_path, "seed.pt", "layer_2.up_lora_b", f"[{E}, {I}, {R}]")
 
 
-@pytest.mark.xfail(strict=True, reason="seed_pt.py:44 unpacks `E, _, H = first['gate_lora_a'].shape`: a 2-D tensor raises ValueError (traceback, exit 1)")
 def test_seed_pt_with_2d_tensor(tmp_path):
     def bad(obj):
         obj[f"layer_{LAYERS[0]}"]["gate_lora_a"] = torch.zeros(R, H)
@@ -256,19 +274,17 @@ def test_seed_pt_with_2d_tensor(tmp_path):
     all_refused(src, tmp_path, "seed.pt", f"layer_{LAYERS[0]}.gate_lora_a")
 
 
-@pytest.mark.xfail(strict=True, reason="canonical.py:79 json.loads of __metadata__.layers is unguarded: JSONDecodeError (traceback, exit 1)")
-def test_canonical_with_corrupt_layers_metadata(tmp_path):
-    src = write_canonical(tmp_path / "canon.safetensors", layers="{not json")
+@pytest.mark.parametrize("layers", ["{not json", "[1, 2]", json.dumps({"1": {"gate": {"rank": R}}})], ids=["not-json", "not-object", "no-alpha"])
+def test_canonical_with_corrupt_layers_metadata(tmp_path, layers):
+    src = write_canonical(tmp_path / "canon.safetensors", layers=layers)
     all_refused(src, tmp_path, "canon.safetensors", "__metadata__.layers")
 
 
-@pytest.mark.xfail(strict=True, reason="canonical.py:78 int() of __metadata__.num_experts is unguarded: ValueError (traceback, exit 1)")
 def test_canonical_with_non_integer_size_metadata(tmp_path):
     src = write_canonical(tmp_path / "canon.safetensors", num_experts="six")
     all_refused(src, tmp_path, "canon.safetensors", "__metadata__.num_experts")
 
 
-@pytest.mark.xfail(strict=True, reason="canonical.py:94 LoRASpec(r, alpha, lora_alpha / r) with r = 0 from a [E, 0, in] KTransformers tensor: ZeroDivisionError (traceback, exit 1)")
 def test_kt_file_with_rank_zero(tmp_path):
     (tmp_path / "kt").mkdir()
     t = stacked_tensors(r=0)
@@ -289,34 +305,21 @@ def _poison(t: torch.Tensor, value: float) -> torch.Tensor:
 
 @NONFINITE
 def test_nonfinite_per_expert(tmp_path, value):
-    # in the first layer read (so convert reaches it before anything else)
     key = pe_key(LAYERS[0], 2, "up_proj", "A")
     src = per_expert(tmp_path)
     edit_tensors(src / WEIGHTS, lambda t: t.__setitem__(key, _poison(t[key], value)))
     all_refused(src, tmp_path, WEIGHTS, key, "finite values", "NaN/Inf")
+    assert_error(cli("inspect", src, "--json"), key, "finite values")
     assert cli("inspect", src, "--quick").exit_code == 0  # --quick reads shapes only
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="canonical.py:220: write_safetensors lays out the header in info.layers order (down, gate, up for per-expert "
-    "PEFT, from the sorted (L, proj) keys of formats/peft.py:153) but writes in layer.projections() order (gate, up, down): "
-    "AssertionError 'layers.1.experts.down_lora_a' (traceback, exit 1) before layer 2 is read; every per-expert -> safetensors convert fails",
-)
 @NONFINITE
-def test_nonfinite_per_expert_last_layer_convert(tmp_path, value):
-    key = pe_key(LAYERS[-1], 2, "up_proj", "A")
-    src = per_expert(tmp_path)
-    edit_tensors(src / WEIGHTS, lambda t: t.__setitem__(key, _poison(t[key], value)))
-    run_refused("convert", src, tmp_path / "out", WEIGHTS, key, "finite values")
-
-
-@NONFINITE
-def test_nonfinite_per_expert_last_layer_inspect_export(tmp_path, value):
+def test_nonfinite_per_expert_last_layer(tmp_path, value):
+    # convert has already written layer 1 into its temporary file when layer 2 fails
     key = pe_key(LAYERS[-1], 5, "down_proj", "B")
     src = per_expert(tmp_path)
     edit_tensors(src / WEIGHTS, lambda t: t.__setitem__(key, _poison(t[key], value)))
-    all_refused(src, tmp_path, WEIGHTS, key, "finite values", commands=("inspect", "export-peft"))
+    all_refused(src, tmp_path, WEIGHTS, key, "finite values", "NaN/Inf")
 
 
 @NONFINITE
@@ -361,10 +364,10 @@ def test_good_adapter_matches_base(tmp_path):
 
 BASE_MISMATCH = [
     # (config overrides, what the per-expert reader says, what check_against_base says for a stacked file)
-    (dict(num_experts=8), ("layers.1.experts.6.down_proj.lora_A.weight", "all 8 experts"), ("num_experts", "expected 8", f"found {E}")),
-    (dict(num_experts=4), ("model.layers.1.mlp.experts.4.down_proj.lora_A.weight", "expert ids below 4"), ("num_experts", "expected 4", f"found {E}")),
-    (dict(hidden_size=40), ("model.layers.1.mlp.experts.0.down_proj.lora_B.weight", f"[40, {R}]"), ("hidden_size", "expected 40", f"found {H}")),
-    (dict(moe_intermediate_size=20), ("model.layers.1.mlp.experts.0.down_proj.lora_A.weight", f"[{R}, 20]"), ("moe_intermediate_size", "expected 20", f"found {I}")),
+    (dict(num_experts=8), ("layers.1.", "experts.6.", "lora_A.weight", "all 8 experts of layer 1"), ("num_experts", "expected 8", f"found {E}")),
+    (dict(num_experts=4), ("model.layers.1.mlp.experts.4.gate_proj.lora_A.weight", "expert ids below 4"), ("num_experts", "expected 4", f"found {E}")),
+    (dict(hidden_size=40), ("model.layers.1.mlp.experts.0.gate_proj.lora_A.weight", f"[{R}, 40]", f"[{R}, {H}]"), ("hidden_size", "expected 40", f"found {H}")),
+    (dict(moe_intermediate_size=20), ("model.layers.1.mlp.experts.0.gate_proj.lora_B.weight", f"[20, {R}]", f"[{I}, {R}]"), ("moe_intermediate_size", "expected 20", f"found {I}")),
 ]
 
 
@@ -386,7 +389,7 @@ def test_base_size_mismatch_fused(fused_copy, tmp_path, overrides):
 
 
 DENSE_OR_BEYOND = [
-    ("deepseek_v3", dict(first_k_dense_replace=2), (1, 2), "layers.1", "a dense layer"),
+    ("deepseek_v3", dict(first_k_dense_replace=2), (2,), "layers.1", "a dense layer"),
     ("qwen3_moe", dict(mlp_only_layers=[1]), (0, 2), "layers.1", "a dense layer"),
     ("qwen3_moe", dict(decoder_sparse_step=2), (1,), "layers.2", "a dense layer"),
     ("qwen3_moe", dict(num_layers=2), (0, 1), "layers.2", "beyond the model's 2 layers"),
@@ -546,14 +549,12 @@ def test_invalid_adapter_config_json(tmp_path):
     all_refused(src, tmp_path, str(src / "adapter_config.json"), "valid JSON")
 
 
-@pytest.mark.xfail(strict=True, reason="peft_config.py:57 calls cfg.get on whatever json.loads returns: a JSON array gives AttributeError (traceback, exit 1)")
 def test_adapter_config_not_an_object(tmp_path):
     src = per_expert(tmp_path)
     (src / "adapter_config.json").write_text("[1, 2]")
     all_refused(src, tmp_path, "adapter_config.json")
 
 
-@pytest.mark.xfail(strict=True, reason="peft_config.py:85 re.match on a rank_pattern key that is not a valid regex raises re.error (traceback, exit 1)")
 def test_adapter_config_bad_rank_pattern(tmp_path):
     src = per_expert(tmp_path, extra_config={"rank_pattern": {"layers.(1": 8}})
     all_refused(src, tmp_path, "adapter_config.json", "rank_pattern")
@@ -586,6 +587,18 @@ def test_not_a_safetensors_file(tmp_path):
     src = tmp_path / "junk.safetensors"
     src.write_bytes(b"\x00\x01 definitely not safetensors")
     all_refused(src, tmp_path, "junk.safetensors", "a safetensors file")
+
+
+def test_empty_safetensors_file(tmp_path):
+    src = tmp_path / "empty.safetensors"
+    save_file({}, str(src))
+    all_refused(src, tmp_path, "empty.safetensors", "an empty file")
+
+
+def test_fused_adapter_without_target_parameters(fused_copy, tmp_path):
+    src, base = fused_copy
+    edit_config(src, lambda cfg: cfg.__setitem__("target_parameters", None))
+    all_refused(src, tmp_path, "adapter_config.json", "target_parameters", args=("--base", base))
 
 
 def test_directory_without_adapter(tmp_path):
@@ -653,7 +666,6 @@ def _nan_adapter(tmp_path: Path) -> Path:
     return src
 
 
-@pytest.mark.xfail(strict=True, reason="convert.py:109 _staged() creates the output's missing parent folders before the adapter is read; they stay behind on error")
 @pytest.mark.parametrize("cmd", ["convert", "export-peft"])
 def test_failed_run_creates_no_output_parents(tmp_path, cmd):
     src = _nan_adapter(tmp_path)
@@ -675,11 +687,6 @@ def test_failed_run_keeps_an_existing_output(tmp_path):
     assert (out / "exported" / "adapter_config.json").read_text() == "{}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export.py:195 replace_path() rmtree's an existing directory given as `convert -o` and puts the file in its place "
-    "(exit 0): the folder's other files are deleted",
-)
 def test_convert_onto_existing_directory_is_refused(fused_copy, tmp_path):
     src, base = fused_copy
     target = tmp_path / "models"
@@ -690,11 +697,6 @@ def test_convert_onto_existing_directory_is_refused(fused_copy, tmp_path):
     assert_error(result, str(target))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convert.py:116 replace_path() runs outside the try of _staged(): when `export-peft -o` names an existing file the "
-    "rename fails (NotADirectoryError, exit 1) and the finished '.NAME.tmp-PID' directory stays behind",
-)
 def test_export_onto_existing_file_leaves_nothing(fused_copy, tmp_path):
     src, base = fused_copy
     out = tmp_path / "out"

@@ -54,7 +54,7 @@ def convert(
     info = reader.info
     out_dtype = DTYPES[dtype] or info.dtype
     sidecar = sidecar_path(out) if info.modules else None
-    with _staged(out) as tmp, _staged(sidecar) as tmp_sidecar:
+    with _staged(out) as tmp, _staged(sidecar, is_dir=True) as tmp_sidecar:
         layers = _layers(reader, progress, f"converting {Path(src).name}")
         if output_format == "safetensors":
             write_safetensors(info, layers, tmp, out_dtype, metadata(info, sidecar.name if sidecar else None))
@@ -83,7 +83,7 @@ def export(
     if dtype not in DTYPES:
         raise AdapterError(out_dir, "--dtype", f"one of {', '.join(DTYPES)}", repr(dtype))
     reader = open_adapter(src, base, orientation, lora_alpha)
-    with _staged(out_dir) as tmp:
+    with _staged(out_dir, is_dir=True) as tmp:
         layers = _layers(reader, progress, f"exporting {Path(src).name}")
         export_peft(reader.info, layers, reader.read_modules(), tmp, layout, DTYPES[dtype], base)
     return reader
@@ -102,19 +102,29 @@ def _layers(reader: AdapterReader, progress: bool, what: str) -> Iterator[LayerL
 
 
 @contextmanager
-def _staged(final: Path | None):
-    """A temporary path beside ``final``, moved into place only if the block succeeds."""
+def _staged(final: Path | None, is_dir: bool = False):
+    """A temporary path beside ``final``, moved into place only if the block succeeds.
+
+    On failure nothing is left: not the temporary, not the parent folders made for it.
+    """
     if final is None:
         yield None
         return
+    if final.exists() and final.is_dir() != is_dir:
+        want, found = ("a directory", "a file") if is_dir else ("a file", "a directory")
+        raise AdapterError(final, None, f"{want} path for the output", f"an existing {found}")
+    made = [p for p in reversed(final.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        replace_path(tmp, final)
     except BaseException:
         _remove(tmp)
+        for p in reversed(made):
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
         raise
-    replace_path(tmp, final)
 
 
 def _remove(path: Path) -> None:

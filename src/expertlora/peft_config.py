@@ -52,6 +52,14 @@ class PeftLoraConfig:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise AdapterError(path, None, "valid JSON", f"{e.msg} at line {e.lineno}") from None
+        if not isinstance(cfg, dict):
+            raise AdapterError(path, None, "a JSON object", type(cfg).__name__)
+        for key in ("rank_pattern", "alpha_pattern"):
+            for pattern in cfg.get(key) or {}:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise AdapterError(path, f"{key}.{pattern}", "a regular expression", str(e)) from None
         peft_type = cfg.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
             raise AdapterError(path, "peft_type", "LORA", repr(peft_type))

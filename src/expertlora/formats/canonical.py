@@ -63,8 +63,11 @@ class StackedReader(AdapterReader):
 
         ours = meta.get("format") == FORMAT_TAG
         if ours:
-            E, H, I = (int(_meta(path, meta, k)) for k in ("num_experts", "hidden_size", "intermediate_size"))
-            specs = {int(L): {p: LoRASpec.from_json(s) for p, s in projs.items()} for L, projs in json.loads(_meta(path, meta, "layers")).items()}
+            E, H, I = (_meta_int(path, meta, k) for k in ("num_experts", "hidden_size", "intermediate_size"))
+            try:
+                specs = {int(L): {p: LoRASpec.from_json(s) for p, s in projs.items()} for L, projs in json.loads(_meta(path, meta, "layers")).items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise AdapterError(path, "__metadata__.layers", 'JSON {"L": {"gate|up|down": {"rank", "alpha", "scaling"}}}', f"{type(e).__name__}: {e}"[:120]) from None
         else:
             # KTransformers' file: sizes from the shapes, rank / alpha from the PEFT config beside it.
             L0 = min(found)
@@ -79,7 +82,10 @@ class StackedReader(AdapterReader):
             for L, projs in found.items():
                 specs[L] = {}
                 for proj in projs:
-                    r = shapes[tensor_key(L, proj, "a")][1] if len(shapes[tensor_key(L, proj, "a")]) == 3 else -1
+                    a_shape = shapes[tensor_key(L, proj, "a")]
+                    if len(a_shape) != 3 or a_shape[1] <= 0:
+                        raise AdapterError(path, tensor_key(L, proj, "a"), "a stacked [E, r, in] tensor with r > 0", shape_str(a_shape))
+                    r = a_shape[1]
                     spec = config.spec(_kt_module_name(config, L, proj)) if config else None
                     if spec is None:
                         if lora_alpha is None:
@@ -150,6 +156,13 @@ def _meta(path: Path, meta: dict, key: str) -> str:
     if key not in meta:
         raise AdapterError(path, f"__metadata__.{key}", "present", "missing")
     return meta[key]
+
+
+def _meta_int(path: Path, meta: dict, key: str) -> int:
+    value = _meta(path, meta, key)
+    if not value.isdigit() or int(value) <= 0:
+        raise AdapterError(path, f"__metadata__.{key}", "a positive integer", repr(value))
+    return int(value)
 
 
 def _layout(specs: dict) -> str:

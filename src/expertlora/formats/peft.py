@@ -146,7 +146,8 @@ class PeftPerExpertReader(AdapterReader):
             for ab, keys in (("A", a_keys), ("B", b_keys)):
                 missing = sorted(set(range(E)) - set(keys))
                 if missing:
-                    where = modules.get(missing[0]) or f"layers.{L}.experts.{missing[0]}.{proj}"
+                    known = next(iter(modules.items()))  # a present expert's module name, renumbered
+                    where = modules.get(missing[0]) or known[1].replace(f".experts.{known[0]}.", f".experts.{missing[0]}.")
                     raise AdapterError(path, f"{where}.lora_{ab}.weight", f"all {E} experts of layer {L} {proj}", "missing")
                 extra = sorted(set(keys) - set(range(E)))
                 if extra:

@@ -40,6 +40,9 @@ class SeedPtReader(AdapterReader):
         first = obj[layer_keys[0]]
         if not isinstance(first, dict) or "gate_lora_a" not in first or "gate_lora_b" not in first:
             raise AdapterError(path, f"{layer_keys[0]}.gate_lora_a", "present", "missing")
+        for name in ("gate_lora_a", "gate_lora_b"):
+            if not isinstance(first[name], torch.Tensor) or first[name].dim() != 3:
+                raise AdapterError(path, f"{layer_keys[0]}.{name}", "a stacked 3-D tensor", repr(getattr(first[name], "shape", type(first[name]).__name__)))
         E, _, H = first["gate_lora_a"].shape
         I = first["gate_lora_b"].shape[1]
         for key, value in (("num_experts", E), ("hidden_size", H), ("intermediate_size", I)):
