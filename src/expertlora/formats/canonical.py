@@ -105,9 +105,8 @@ class StackedReader(AdapterReader):
             self.sidecar = path.parent / meta["non_expert_adapter"]
         elif not ours and (path.parent / "adapter_model.safetensors").is_file() and (path.parent / "adapter_config.json").is_file():
             self.sidecar = path.parent  # KTransformers keeps the non-expert LoRA as a PEFT adapter beside
-        self.modules_reader = None
         if self.sidecar is not None:
-            from .peft import WEIGHTS_NAME, PeftPerExpertReader, _Scan
+            from .peft import WEIGHTS_NAME, _Scan
 
             weights = self.sidecar / WEIGHTS_NAME
             if not weights.is_file():

@@ -98,7 +98,8 @@ class _Scan:
         if self.per_expert and self.fused:
             raise AdapterError(path, None, "either per-expert or fused expert LoRA", "both")
 
-    def read_modules(self, config: PeftLoraConfig) -> tuple[dict[str, LoRASpec], callable]:
+    def read_modules(self, config: PeftLoraConfig) -> dict[str, LoRASpec]:
+        """Specs of the non-expert modules, checked against their shapes (tensors are read later)."""
         specs = {}
         for module, pair in sorted(self.linear.items()):
             for ab in "AB":
