@@ -192,7 +192,7 @@ class PeftPerExpertReader(AdapterReader):
             for proj, spec in self.info.layers[layer].items():
                 a_shape, b_shape = self.info.expert_shapes(layer, proj)
                 a, b = torch.empty(a_shape, dtype=self.info.dtype), torch.empty(b_shape, dtype=self.info.dtype)
-                for stacked, keys in ((a, self.keys[(layer, proj)][0]), (b, self.keys[(layer, proj)][1])):
+                for stacked, keys in zip((a, b), self.keys[(layer, proj)]):
                     for e, key in enumerate(keys):  # copied into place: no second copy of the layer
                         stacked[e] = check_finite(self.info.path, key, f.get_tensor(key))
                 setattr(out, proj, ProjLoRA(a, b, spec))
