@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .lora import AdapterInfo, ExpertLoRA, LayerLoRA, LoRASpec, ProjLoRA, lora_scaling
+
 # Small configs of each supported family; every one keeps H != 2I so that fused layouts are unambiguous.
 FAMILIES: dict[str, dict] = {
     "qwen3_moe": dict(
@@ -193,3 +195,37 @@ def max_rel_error(ours: dict, theirs: dict) -> float:
     if set(ours) != set(theirs):
         raise AssertionError(f"different keys: {sorted(set(ours) ^ set(theirs), key=str)[:5]}")
     return max(float((ours[k] - theirs[k]).norm() / theirs[k].norm()) for k in theirs)
+
+
+def random_expert_lora(
+    num_experts: int,
+    hidden_size: int,
+    intermediate_size: int,
+    layers: list[int],
+    ranks: dict[str, int],
+    alpha: float = 16.0,
+    use_rslora: bool = False,
+    seed: int = 0,
+    std: float = 0.1,
+) -> ExpertLoRA:
+    """A canonical adapter with random A and B on ``layers``; ``ranks`` maps each targeted
+    projection (gate / up / down) to its rank. No file involved: for engine tests and benchmarks."""
+    E, H, I = num_experts, hidden_size, intermediate_size
+    gen = torch.Generator().manual_seed(seed)
+    dims = {"gate": (H, I), "up": (H, I), "down": (I, H)}
+    specs = {p: LoRASpec(r, alpha, lora_scaling(r, alpha, use_rslora)) for p, r in ranks.items()}
+    out = {}
+    for L in layers:
+        projs = {}
+        for p, spec in specs.items():
+            n_in, n_out = dims[p]
+            a = torch.randn(E, spec.rank, n_in, generator=gen) * std
+            b = torch.randn(E, n_out, spec.rank, generator=gen) * std
+            projs[p] = ProjLoRA(a, b, spec)
+        out[L] = LayerLoRA(L, **projs)
+    info = AdapterInfo(
+        path=Path(f"<random adapter {seed}>"), format="expertlora", num_experts=E, hidden_size=H,
+        intermediate_size=I, layers={L: dict(specs) for L in layers}, modules={}, dtype=torch.float32,
+        use_rslora=use_rslora,
+    )
+    return ExpertLoRA(info, out)

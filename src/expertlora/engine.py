@@ -1,0 +1,121 @@
+"""The CPU MoE-LoRA engine: every MoE layer's expert weights plus the loaded adapters.
+
+    engine = MoELoRAEngine({L: ExpertWeights.from_tensors(gate, up, down, "int8")})
+    engine.load_adapter("math", load_adapter("math.safetensors"))
+    y = engine.forward(L, x, topk_ids, topk_weights, token_slots)   # [T, H]
+
+token_slots holds each token's adapter slot (``engine.slot("math")``) or -1 for none.
+The compiled kernel runs where it builds; the PyTorch path (moe.moe_forward_torch) is the
+portable fallback and is chosen once, at construction.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .experts import ExpertWeights
+from .kernels import METHOD_CODES, KernelUnavailable, cpu_kernel, warn_unavailable
+from .lora import ExpertLoRA
+from .moe import moe_forward_torch
+from .slots import NO_ADAPTER, AdapterSlots
+
+KERNELS = ("auto", "compiled", "torch")
+
+
+class MoELoRAEngine:
+    """Runs MoE layers on the CPU with per-token LoRA adapters."""
+
+    def __init__(self, layers: dict[int, ExpertWeights], threads: int | None = None, kernel: str = "auto"):
+        if not layers:
+            raise ValueError("the engine needs at least one MoE layer")
+        first = next(iter(layers.values()))
+        shape = (first.num_experts, first.hidden_size, first.intermediate_size)
+        for L, w in layers.items():
+            if (w.num_experts, w.hidden_size, w.intermediate_size) != shape or w.method != first.method:
+                raise ValueError(f"layer {L}: experts differ from the first layer's ({first.method}, E/H/I {shape})")
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
+        self.layers = layers
+        self.method = first.method
+        self.threads = threads or os.cpu_count() or 1
+        lora_dtype = torch.float32 if self.method == "fp32" else torch.bfloat16
+        self.slots = AdapterSlots(*shape, lora_dtype)
+        self._kernel = None if kernel == "torch" else _compiled(required=kernel == "compiled")
+
+    @property
+    def kernel(self) -> str:
+        """Which path runs: ``compiled`` or ``torch``."""
+        return "torch" if self._kernel is None else "compiled"
+
+    def load_adapter(self, name: str, adapter: ExpertLoRA) -> int:
+        """Load ``adapter`` beside the others; returns its slot for token_slots."""
+        return self.slots.load(name, adapter)
+
+    def unload_adapter(self, name: str) -> None:
+        self.slots.unload(name)
+
+    def slot(self, name: str | None) -> int:
+        return self.slots.index(name)
+
+    def token_slots(self, names: list[str | None]) -> torch.Tensor:
+        """Per-token slot tensor from per-token adapter names (None for no adapter)."""
+        return torch.tensor([self.slots.index(n) for n in names], dtype=torch.int64)
+
+    def forward(
+        self,
+        layer: int,
+        x: torch.Tensor,  # [T, H]
+        topk_ids: torch.Tensor,  # [T, k]; ids outside [0, E) are skipped
+        topk_weights: torch.Tensor,  # [T, k]
+        token_slots: torch.Tensor | None = None,  # [T]; None: no token has an adapter
+    ) -> torch.Tensor:  # [T, H] in x's dtype
+        """One MoE layer: Σ_j w_j · expert_j(x) with each token's own LoRA."""
+        weights = self.layers[layer]
+        T = x.shape[0]
+        if token_slots is None:
+            token_slots = torch.full((T,), NO_ADAPTER, dtype=torch.int64)
+        self._check(x, topk_ids, topk_weights, token_slots, weights)
+        slots = self.slots.layer(layer)
+        if self._kernel is None:
+            y = moe_forward_torch(weights, x, topk_ids, topk_weights, token_slots, slots)
+        else:
+            y = self._kernel(
+                x.float().contiguous(),
+                topk_ids.to(torch.int64).contiguous(),
+                topk_weights.float().contiguous(),
+                token_slots.to(torch.int64).contiguous(),
+                weights.gate_up.data, weights.gate_up.scale, weights.down.data, weights.down.scale,
+                METHOD_CODES[self.method], weights.gate_up.group_size,
+                [s.a_gate_up for s in slots], [s.b_gate for s in slots], [s.b_up for s in slots],
+                [s.a_down for s in slots], [s.b_down for s in slots],
+                self.threads,
+            )
+        return y.to(x.dtype)
+
+    def _check(self, x, topk_ids, topk_weights, token_slots, weights: ExpertWeights) -> None:
+        T = x.shape[0]
+        if x.dim() != 2 or x.shape[1] != weights.hidden_size:
+            raise ValueError(f"x: expected [T, {weights.hidden_size}], found {list(x.shape)}")
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
+            raise ValueError(
+                f"topk_ids / topk_weights: expected [{T}, k] both, found {list(topk_ids.shape)} / {list(topk_weights.shape)}"
+            )
+        if token_slots.shape != (T,):
+            raise ValueError(f"token_slots: expected [{T}], found {list(token_slots.shape)}")
+        used = [s for s in token_slots.unique().tolist() if s != NO_ADAPTER]
+        bad = [s for s in used if not self.slots.is_loaded(s)]
+        if bad:
+            loaded = ", ".join(f"{n}={self.slots.index(n)}" for n in self.slots.names) or "none"
+            raise ValueError(f"token_slots: slot {bad[0]} holds no adapter (loaded: {loaded})")
+
+
+def _compiled(required: bool):
+    try:
+        return cpu_kernel()
+    except KernelUnavailable as err:
+        if required:
+            raise
+        warn_unavailable(str(err))
+        return None

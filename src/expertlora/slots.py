@@ -1,0 +1,106 @@
+"""Adapter slots: any number of canonical adapters loaded at once, each token picking one.
+
+Each adapter is turned, once at load, into the form the engine runs (per layer, SlotLoRA):
+the scaling folded into B, gate's and up's A stacked so one shrink serves both, and a
+projection the adapter does not target given rank 0, so no kernel ever asks "is there LoRA?".
+
+Shape legend: E = experts, H = hidden, I = intermediate, rg / ru / rd = gate / up / down rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AdapterError
+from .lora import ExpertLoRA, LayerLoRA, ProjLoRA
+
+NO_ADAPTER = -1
+
+
+@dataclass(frozen=True)
+class SlotLoRA:
+    """One adapter's expert LoRA for one layer, ready for the engine."""
+
+    a_gate_up: torch.Tensor  # [E, rg + ru, H]
+    b_gate: torch.Tensor  # [E, I, rg]  scaled
+    b_up: torch.Tensor  # [E, I, ru]  scaled
+    a_down: torch.Tensor  # [E, rd, I]
+    b_down: torch.Tensor  # [E, H, rd]  scaled
+
+    @property
+    def gate_rank(self) -> int:
+        return self.b_gate.shape[2]
+
+    @classmethod
+    def from_layer(cls, lora: LayerLoRA | None, E: int, H: int, I: int, dtype: torch.dtype) -> "SlotLoRA":
+        gate_a, gate_b = _scaled(lora and lora.gate, E, H, I, dtype)
+        up_a, up_b = _scaled(lora and lora.up, E, H, I, dtype)
+        down_a, down_b = _scaled(lora and lora.down, E, I, H, dtype)
+        return cls(torch.cat((gate_a, up_a), dim=1).contiguous(), gate_b, up_b, down_a, down_b)
+
+
+def _scaled(proj: ProjLoRA | None, E: int, n_in: int, n_out: int, dtype: torch.dtype):
+    if proj is None:
+        return torch.empty(E, 0, n_in, dtype=dtype), torch.empty(E, n_out, 0, dtype=dtype)
+    b = proj.b.to(torch.float32) * proj.spec.scaling
+    return proj.a.to(dtype).contiguous(), b.to(dtype).contiguous()
+
+
+class AdapterSlots:
+    """Named adapters in numbered slots; a slot keeps its number while others come and go."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+        self.shape = (num_experts, hidden_size, intermediate_size)
+        self.dtype = dtype
+        self._slots: list[dict[int, SlotLoRA] | None] = []  # slot -> layer -> LoRA
+        self._index: dict[str, int] = {}
+        self._empty = SlotLoRA.from_layer(None, num_experts, hidden_size, intermediate_size, dtype)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def load(self, name: str, adapter: ExpertLoRA) -> int:
+        """Add an adapter under ``name``; returns its slot number (the per-token index)."""
+        if name in self._index:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        E, H, I = self.shape
+        info = adapter.info
+        for key, expected, found in (
+            ("num_experts", E, info.num_experts),
+            ("hidden_size", H, info.hidden_size),
+            ("intermediate_size", I, info.intermediate_size),
+        ):
+            if expected != found:
+                raise AdapterError(info.path, key, f"{expected} (the engine's experts)", str(found))
+        layers = {L: SlotLoRA.from_layer(lora, E, H, I, self.dtype) for L, lora in adapter.layers.items()}
+        slot = self._slots.index(None) if None in self._slots else len(self._slots)
+        if slot == len(self._slots):
+            self._slots.append(None)
+        self._slots[slot] = layers
+        self._index[name] = slot
+        return slot
+
+    def unload(self, name: str) -> None:
+        self._slots[self.index(name)] = None
+        del self._index[name]
+
+    def index(self, name: str | None) -> int:
+        """Slot number of ``name``; None means no adapter (NO_ADAPTER)."""
+        if name is None:
+            return NO_ADAPTER
+        if name not in self._index:
+            raise KeyError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self._index) or 'none'})")
+        return self._index[name]
+
+    def layer(self, layer: int) -> list[SlotLoRA]:
+        """Every slot's LoRA for ``layer``, indexed by slot; empty slots have rank 0."""
+        return [(layers or {}).get(layer, self._empty) for layers in self._slots]
+
+    def is_loaded(self, slot: int) -> bool:
+        return 0 <= slot < len(self._slots) and self._slots[slot] is not None

@@ -1,0 +1,236 @@
+"""The CPU MoE-LoRA engine against the float64 reference (moe.reference_moe).
+
+Tolerances (relative Frobenius error of the layer output): fp32 1e-5; bf16 1e-2; int8 / int4
+1e-2 against the reference run on their own dequantized weights. Each case runs on both
+paths: the compiled kernel (skipped only where it cannot be built) and the PyTorch fallback.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertlora.engine import MoELoRAEngine
+from expertlora.errors import AdapterError
+from expertlora.experts import ExpertWeights
+from expertlora.kernels import KernelUnavailable, cpu_kernel
+from expertlora.moe import reference_moe
+from expertlora.quantize import quantize, resolve_method
+from expertlora.tiny import random_expert_lora
+
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "int8": 1e-2, "int4": 1e-2}
+# Error of the quantized engine against the unquantized reference: reported, loosely bounded.
+QUANT_ERROR_BOUND = {"fp32": 1e-5, "bf16": 1e-2, "int8": 3e-2, "int4": 0.25}
+LAYER = 3
+
+
+def _compiled_available() -> bool:
+    try:
+        cpu_kernel()
+        return True
+    except KernelUnavailable:
+        return False
+
+
+KERNELS = [
+    "torch",
+    pytest.param("compiled", marks=pytest.mark.skipif(not _compiled_available(), reason="kernel cannot be built here")),
+]
+
+
+def rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours.double() - ref).norm() / ref.norm())
+
+
+def shape_for(method: str) -> tuple[int, int, int]:
+    """E, H, I: sizes that are not multiples of 16 exercise the kernel's tails; int4 needs groups."""
+    return (6, 64, 96) if method == "int4" else (6, 40, 24)
+
+
+def make_weights(E: int, H: int, I: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    gate, up = torch.randn(E, I, H, generator=gen) / H**0.5, torch.randn(E, I, H, generator=gen) / H**0.5
+    down = torch.randn(E, H, I, generator=gen) / I**0.5
+    return gate, up, down
+
+
+def routing(T: int, E: int, k: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    weights = torch.rand(T, k, generator=gen) + 0.1
+    return ids, weights
+
+
+def engine_and_adapters(method: str, kernel: str, group_size: int = 32):
+    E, H, I = shape_for(method)
+    weights = ExpertWeights.from_tensors(*make_weights(E, H, I), method=method, group_size=group_size)
+    engine = MoELoRAEngine({LAYER: weights}, threads=2, kernel=kernel)
+    adapters = {
+        "a": random_expert_lora(E, H, I, [LAYER], {"gate": 4, "up": 8, "down": 16}, alpha=8.0, seed=1),
+        "b": random_expert_lora(E, H, I, [LAYER], {"gate": 1, "down": 1}, alpha=2.0, use_rslora=True, seed=2),
+        "c": random_expert_lora(E, H, I, [LAYER], {"gate": 64, "up": 64, "down": 64}, alpha=64.0, seed=3),
+    }
+    for name, adapter in adapters.items():
+        engine.load_adapter(name, adapter)
+    return engine, weights, adapters
+
+
+def reference(weights: ExpertWeights, x, ids, w, names, adapters, dequantized: bool = True):
+    gate, up, down = weights.dequantize() if dequantized else dequantized
+    loras = [adapters[n].layers.get(LAYER) if n else None for n in names]
+    return reference_moe(x, ids, w, gate, up, down, loras)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("method", ["fp32", "bf16", "int8", "int4"])
+def test_mixed_batch_matches_reference(method, kernel):
+    engine, weights, adapters = engine_and_adapters(method, kernel)
+    E, H, _ = shape_for(method)
+    names = ["a", None, "b", "c", "a", None, "c", "b", "a"]
+    T = len(names)
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(T, H, generator=gen)
+    ids, w = routing(T, E, 3, seed=11)
+    ids[1, 2] = ids[1, 0]  # the same expert twice for one token
+    ids[2, 1] = -1  # an expert that runs elsewhere
+    ids[4, 0] = E  # out of range: skipped too
+    y = engine.forward(LAYER, x, ids, w, engine.token_slots(names))
+    ref = reference(weights, x, ids, w, names, adapters)
+    assert y.dtype == x.dtype and y.shape == (T, H)
+    assert rel(y, ref) < TOLERANCE[method]
+    # Against the unquantized weights: the storage method's own error, bounded loosely.
+    gate, up, down = make_weights(*shape_for(method))
+    loras = [adapters[n].layers.get(LAYER) if n else None for n in names]
+    assert rel(y, reference_moe(x, ids, w, gate, up, down, loras)) < QUANT_ERROR_BOUND[method]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("method", ["fp32", "bf16", "int8", "int4"])
+def test_tokens_without_adapter_get_the_base_bits(method, kernel):
+    engine, weights, _ = engine_and_adapters(method, kernel)
+    bare = MoELoRAEngine({LAYER: weights}, threads=1, kernel=kernel)
+    E, H, _ = shape_for(method)
+    names = [None, "a", None, "c", "b", None]
+    x = torch.randn(len(names), H)
+    ids, w = routing(len(names), E, 2, seed=5)
+    y = engine.forward(LAYER, x, ids, w, engine.token_slots(names))
+    base = bare.forward(LAYER, x, ids, w)
+    none = torch.tensor([n is None for n in names])
+    assert torch.equal(y[none], base[none])
+    assert not torch.allclose(y[~none], base[~none])  # the adapters did change the others
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rank", [1, 3, 16, 33, 64])
+def test_ranks(rank, kernel):
+    E, H, I = 6, 40, 24
+    weights = ExpertWeights.from_tensors(*make_weights(E, H, I), method="fp32")
+    engine = MoELoRAEngine({LAYER: weights}, threads=2, kernel=kernel)
+    adapter = random_expert_lora(E, H, I, [LAYER], {"gate": rank, "up": rank, "down": rank}, seed=rank)
+    engine.load_adapter("x", adapter)
+    x = torch.randn(5, H)
+    ids, w = routing(5, E, 2, seed=rank)
+    y = engine.forward(LAYER, x, ids, w, engine.token_slots(["x"] * 5))
+    assert rel(y, reference(weights, x, ids, w, ["x"] * 5, {"x": adapter})) < TOLERANCE["fp32"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_single_token_empty_batch_and_all_skipped(kernel):
+    engine, weights, adapters = engine_and_adapters("bf16", kernel)
+    E, H, _ = shape_for("bf16")
+    x = torch.randn(1, H, dtype=torch.bfloat16)
+    ids, w = routing(1, E, 2, seed=3)
+    y = engine.forward(LAYER, x, ids, w, engine.token_slots(["c"]))
+    assert y.dtype == torch.bfloat16
+    assert rel(y, reference(weights, x, ids, w, ["c"], adapters)) < TOLERANCE["bf16"]
+
+    empty = engine.forward(LAYER, torch.randn(0, H), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert empty.shape == (0, H)
+
+    skipped = engine.forward(LAYER, torch.randn(3, H), torch.full((3, 2), -1), torch.rand(3, 2))
+    assert torch.equal(skipped, torch.zeros(3, H))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_layer_without_lora_and_thread_count(kernel):
+    """An adapter that leaves this layer out gives the base result; threads do not change bits."""
+    E, H, I = 6, 40, 24
+    weights = {L: ExpertWeights.from_tensors(*make_weights(E, H, I, seed=L), method="bf16") for L in (1, 2)}
+    one, two = (MoELoRAEngine(weights, threads=n, kernel=kernel) for n in (1, 2))
+    for engine in (one, two):
+        engine.load_adapter("only1", random_expert_lora(E, H, I, [1], {"gate": 4, "up": 4, "down": 4}))
+    x = torch.randn(6, H)
+    ids, w = routing(6, E, 2, seed=0)
+    slots = one.token_slots(["only1"] * 6)
+    assert torch.equal(one.forward(2, x, ids, w, slots), one.forward(2, x, ids, w))
+    assert torch.equal(one.forward(1, x, ids, w, slots), two.forward(1, x, ids, w, slots))
+
+
+def test_compiled_and_torch_paths_agree():
+    if not _compiled_available():
+        pytest.skip("kernel cannot be built here")
+    fast, _, _ = engine_and_adapters("int8", "compiled")
+    slow, _, _ = engine_and_adapters("int8", "torch")
+    E, H, _ = shape_for("int8")
+    names = ["a", "b", None, "c"] * 8
+    x = torch.randn(len(names), H)
+    ids, w = routing(len(names), E, 4, seed=9)
+    ref = slow.forward(LAYER, x, ids, w, slow.token_slots(names)).double()
+    assert rel(fast.forward(LAYER, x, ids, w, fast.token_slots(names)), ref) < 1e-2
+
+
+def test_slots_load_and_unload():
+    E, H, I = shape_for("fp32")
+    weights = ExpertWeights.from_tensors(*make_weights(E, H, I), method="fp32")
+    engine = MoELoRAEngine({LAYER: weights}, kernel="torch")
+    lora = {n: random_expert_lora(E, H, I, [LAYER], {"gate": 2, "up": 2, "down": 2}, seed=i) for i, n in enumerate("abc")}
+    assert engine.load_adapter("a", lora["a"]) == 0
+    assert engine.load_adapter("b", lora["b"]) == 1
+    x = torch.randn(4, H)
+    ids, w = routing(4, E, 2, seed=1)
+    before = engine.forward(LAYER, x, ids, w, engine.token_slots(["b"] * 4))
+    engine.unload_adapter("a")
+    assert engine.slot("b") == 1  # b keeps its slot
+    with pytest.raises(ValueError, match="slot 0 holds no adapter"):
+        engine.forward(LAYER, x, ids, w, torch.zeros(4, dtype=torch.long))
+    assert torch.equal(engine.forward(LAYER, x, ids, w, engine.token_slots(["b"] * 4)), before)
+    assert engine.load_adapter("c", lora["c"]) == 0  # the free slot is reused
+    with pytest.raises(ValueError, match="already loaded"):
+        engine.load_adapter("c", lora["c"])
+    with pytest.raises(KeyError, match="no adapter named 'a'"):
+        engine.slot("a")
+
+
+def test_adapter_for_other_experts_is_refused():
+    E, H, I = shape_for("fp32")
+    engine = MoELoRAEngine({LAYER: ExpertWeights.from_tensors(*make_weights(E, H, I), method="fp32")}, kernel="torch")
+    with pytest.raises(AdapterError, match="intermediate_size: expected 24"):
+        engine.load_adapter("x", random_expert_lora(E, H, I + 1, [LAYER], {"gate": 2}))
+
+
+def test_bad_routing_shapes_are_refused():
+    engine, _, _ = engine_and_adapters("fp32", "torch")
+    _, H, _ = shape_for("fp32")
+    with pytest.raises(ValueError, match="topk_ids / topk_weights"):
+        engine.forward(LAYER, torch.randn(3, H), torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 3))
+    with pytest.raises(ValueError, match="x: expected"):
+        engine.forward(LAYER, torch.randn(3, H + 1), torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 2))
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_quantization_error(group_size):
+    w = torch.randn(3, 16, 256)
+    for method, bound in (("bf16", 4e-3), ("int8", 1e-2), ("int4", 0.15)):
+        q = quantize(w, method, group_size)
+        err = float((q.dequantize() - w).norm() / w.norm())
+        assert 0 < err < bound, (method, err)
+    assert quantize(w, "fp32").dequantize().equal(w)
+    assert quantize(w, "int4", group_size).nbytes == 3 * 16 * 128 + 3 * 16 * (256 // group_size) * 4
+
+
+def test_method_names():
+    assert [resolve_method(m) for m in ("AMXBF16_SFT", "AMXINT8_SFT", "AMXINT4_SFT", "fp32")] == ["bf16", "int8", "int4", "fp32"]
+    with pytest.raises(ValueError, match="unknown method 'int3'"):
+        resolve_method("int3")
+    with pytest.raises(ValueError, match="group size 48"):
+        quantize(torch.randn(1, 4, 96), "int4", 48)
