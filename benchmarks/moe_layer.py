@@ -1,0 +1,234 @@
+"""One MoE layer with expert LoRA on the CPU: our engine beside its peers and the machine's ceilings.
+
+    python benchmarks/moe_layer.py                      # every shape, method and token count
+    python benchmarks/moe_layer.py --shapes qwen3-30b-a3b --methods bf16 --tokens 1
+
+Method: each timed call picks the next of several layers' weights (more bytes in all than
+--cache-mb, the CPU's L3, times four) and a fresh random routing, so decode figures are
+not served from cache; medians after warm-up. Peers run in the same process: the engine
+without adapters, with four adapters mixed in one batch, our PyTorch path (the portable
+fallback: one matmul per expert), and transformers 5 + peft ``target_parameters`` on the
+same layer. The read and copy bandwidth of this machine are measured first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+
+from expertlora.engine import MoELoRAEngine
+from expertlora.experts import ExpertWeights
+from expertlora.tiny import random_expert_lora
+
+# name: (H, I, E, top-k, transformers family of the PEFT peer)
+SHAPES = {
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "deepseek-v2-lite": (2048, 1408, 64, 6),
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+}
+RANK, ALPHA = 16, 32.0
+ALL = {"gate": RANK, "up": RANK, "down": RANK}
+
+
+def median_ms(fn, calls: int, warmup: int) -> float:
+    """Median wall time of fn(i) over calls i = warmup .. warmup + calls - 1, in ms."""
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(warmup, warmup + calls):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def bandwidth(cache_mb: int) -> tuple[float, float]:
+    """(read, copy) GB/s over buffers 8x the L3; copy counts bytes read plus written."""
+    n = max(cache_mb * 8, 1024) * 2**20 // 4
+    src, dst = torch.rand(n), torch.empty(n)
+    read = median_ms(lambda i: src.sum(), 5, 2)
+    copy = median_ms(lambda i: dst.copy_(src), 5, 2)
+    return src.nbytes / read / 1e6, 2 * src.nbytes / copy / 1e6
+
+
+def routings(T: int, E: int, k: int, count: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        scores = torch.rand(T, E, generator=gen)
+        w, ids = scores.topk(k, dim=1)
+        out.append((ids, (w / w.sum(1, keepdim=True)).float()))
+    return out
+
+
+def active_bytes(ids: torch.Tensor, weights: ExpertWeights) -> int:
+    return int(ids.unique().numel()) * weights.expert_nbytes()
+
+
+def peft_layer(H: int, I: int, E: int, dtype: torch.dtype):
+    """transformers 5's experts module with a PEFT target_parameters LoRA on gate_up and down."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E)
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = Qwen3MoeExperts(config)
+
+    layer = Layer()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.02)
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    layer = inject_adapter_in_model(lora, layer)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return layer.to(dtype).eval()
+
+
+def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: float) -> list[dict]:
+    H, I, E, k = SHAPES[name]
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    adapters = [random_expert_lora(E, H, I, [0], ALL, alpha=ALPHA, seed=s) for s in range(4)]
+    for method in methods:
+        bytes_per_layer = 3 * E * H * I * {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}[method]
+        n_layers = max(2, math.ceil(4 * args.cache_mb * 2**20 / bytes_per_layer))
+        print(f"[{name} {method}] building {n_layers} layers ({n_layers * bytes_per_layer / 2**30:.1f} GiB)", flush=True)
+        layers = {}
+        for L in range(n_layers):
+            gate_up = torch.randn(E, 2 * I, H, generator=gen, dtype=torch.bfloat16) / H**0.5
+            down = torch.randn(E, H, I, generator=gen, dtype=torch.bfloat16) / I**0.5
+            layers[L] = ExpertWeights.from_gate_up(gate_up, down, method)
+            del gate_up, down
+        # every layer of the rotation shares the adapters' layer-0 LoRA
+        shared = [random_expert_lora(E, H, I, list(layers), ALL, alpha=ALPHA, seed=s) for s in range(4)]
+        for a, src in zip(shared, adapters):
+            a.layers.update({L: src.layers[0] for L in layers})
+        bare = MoELoRAEngine(layers, threads=args.threads)
+        engine = MoELoRAEngine(layers, threads=args.threads)
+        fallback = MoELoRAEngine(layers, threads=args.threads, kernel="torch")
+        for i, a in enumerate(shared):
+            engine.load_adapter(f"a{i}", a)
+            fallback.load_adapter(f"a{i}", a)
+        dtype = torch.float32 if method == "fp32" else torch.bfloat16
+        for T in tokens:
+            calls = args.calls if T < 512 else max(3, args.calls // 4)
+            rts = routings(T, E, k, calls + args.warmup, seed=T)
+            xs = [torch.randn(T, H, dtype=dtype) for _ in range(4)]
+            one = torch.zeros(T, dtype=torch.long)
+            mixed = torch.arange(T, dtype=torch.long) % 4
+
+            def call(eng, slots):
+                def fn(i):
+                    ids, w = rts[i]
+                    eng.forward(i % n_layers, xs[i % 4], ids, w, slots)
+                return fn
+
+            lora_ms = median_ms(call(engine, one), calls, args.warmup)
+            base_ms = median_ms(call(bare, None), calls, args.warmup)
+            mixed_ms = median_ms(call(engine, mixed), calls, args.warmup)
+            slow_calls = max(2, calls // 4) if T >= 32 or name == "mixtral-8x7b" else calls
+            torch_ms = median_ms(call(fallback, one), slow_calls, 1) if args.torch_path else float("nan")
+            moved = statistics.mean(active_bytes(ids, layers[0]) for ids, _ in rts)
+            pairs = T * k
+            rows.append(dict(
+                shape=name, method=method, tokens=T, lora_ms=lora_ms, base_ms=base_ms, mixed_ms=mixed_ms,
+                torch_ms=torch_ms, gbs=moved / lora_ms / 1e6, read_pct=100 * moved / lora_ms / 1e6 / read_gbs,
+                gflops=2 * pairs * 3 * H * I / lora_ms / 1e6,
+            ))
+            print(_line(rows[-1]), flush=True)
+        del bare, engine, fallback, layers, shared
+    if args.peft:
+        for T in tokens:
+            for dtype in (torch.bfloat16,):
+                layer = peft_layer(H, I, E, dtype)
+                rts = routings(T, E, k, 3, seed=T)
+                x = torch.randn(T, H, dtype=dtype)
+                with torch.no_grad():
+                    peft_ms = median_ms(lambda i: layer.experts(x, rts[i % 3][0], rts[i % 3][1].to(dtype)), 2, 1)
+                for row in rows:
+                    if row["tokens"] == T:
+                        row["peft_ms"] = peft_ms
+                print(f"[{name}] PEFT bf16 T={T}: {peft_ms:.1f} ms", flush=True)
+                del layer
+    return rows
+
+
+def _line(r: dict) -> str:
+    return (
+        f"{r['shape']:17s} {r['method']:5s} T={r['tokens']:4d}  LoRA {r['lora_ms']:8.2f} ms  base {r['base_ms']:8.2f} ms  "
+        f"x{r['lora_ms'] / r['base_ms']:.2f}  mixed4 x{r['mixed_ms'] / r['lora_ms']:.2f}  torch-path {r['torch_ms']:8.2f} ms  "
+        f"{r['gbs']:6.1f} GB/s ({r['read_pct']:.0f}% read)  {r['gflops']:7.1f} GFLOP/s"
+    )
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    out = [header, "", "| shape | method | tokens | ours + LoRA ms | ours no LoRA ms | LoRA / no LoRA | 4 adapters mixed / 1 | GB/s (% of read) | GFLOP/s | PyTorch path ms | PEFT bf16 ms | PEFT / ours |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peft = r.get("peft_ms", float("nan"))
+        out.append(
+            f"| {r['shape']} | {r['method']} | {r['tokens']} | {r['lora_ms']:.2f} | {r['base_ms']:.2f} | {r['lora_ms'] / r['base_ms']:.2f} | "
+            f"{r['mixed_ms'] / r['lora_ms']:.2f} | {r['gbs']:.1f} ({r['read_pct']:.0f}%) | {r['gflops']:.0f} | {r['torch_ms']:.1f} | "
+            f"{peft:.0f} | {peft / r['lora_ms']:.0f}x |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--methods", default="fp32,bf16,int8,int4")
+    p.add_argument("--tokens", default="1,32,512")
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    p.add_argument("--calls", type=int, default=20, help="timed calls per figure (a quarter at 512 tokens)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cache-mb", type=int, default=300, help="the CPU's L3 in MiB (the rotation covers 4x)")
+    p.add_argument("--no-peft", dest="peft", action="store_false")
+    p.add_argument("--no-torch-path", dest="torch_path", action="store_false")
+    p.add_argument("--out", default=None, help="append the markdown table to this file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads or os.cpu_count())
+    read_gbs, copy_gbs = bandwidth(args.cache_mb)
+    cpu = _cpu_name()
+    print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}: read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s", flush=True)
+    rows = []
+    for name in args.shapes.split(","):
+        rows += run_shape(name, args.methods.split(","), [int(t) for t in args.tokens.split(",")], args, read_gbs)
+    header = (
+        f"### {cpu}, {os.cpu_count()} cores, threads {args.threads or os.cpu_count()}, torch {torch.__version__}, {date.today()}\n\n"
+        f"Measured here in the same run: read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s (read + write). "
+        f"Rotation over more than 4 x {args.cache_mb} MiB of expert weights. LoRA r {RANK} on gate, up and down."
+    )
+    table = markdown(rows, header)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(table + "\n")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()
