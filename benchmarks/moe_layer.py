@@ -101,18 +101,19 @@ def peft_layer(H: int, I: int, E: int, dtype: torch.dtype):
 def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: float) -> list[dict]:
     H, I, E, k = SHAPES[name]
     gen = torch.Generator().manual_seed(0)
+    t_start = time.perf_counter()
     rows = []
     adapters = [random_expert_lora(E, H, I, [0], ALL, alpha=ALPHA, seed=s) for s in range(4)]
     for method in methods:
         bytes_per_layer = 3 * E * H * I * {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}[method]
         n_layers = max(2, math.ceil(4 * args.cache_mb * 2**20 / bytes_per_layer))
         print(f"[{name} {method}] building {n_layers} layers ({n_layers * bytes_per_layer / 2**30:.1f} GiB)", flush=True)
-        layers = {}
-        for L in range(n_layers):
-            gate_up = torch.randn(E, 2 * I, H, generator=gen, dtype=torch.bfloat16) / H**0.5
-            down = torch.randn(E, H, I, generator=gen, dtype=torch.bfloat16) / I**0.5
-            layers[L] = ExpertWeights.from_gate_up(gate_up, down, method)
-            del gate_up, down
+        gate_up = torch.randn(E, 2 * I, H, generator=gen, dtype=torch.bfloat16) / H**0.5
+        down = torch.randn(E, H, I, generator=gen, dtype=torch.bfloat16) / I**0.5
+        first = ExpertWeights.from_gate_up(gate_up, down, method)
+        del gate_up, down
+        # The rotation needs distinct memory, not distinct values: copies are quick to make.
+        layers = {0: first} | {L: _copy(first) for L in range(1, n_layers)}
         # every layer of the rotation shares the adapters' layer-0 LoRA
         shared = [random_expert_lora(E, H, I, list(layers), ALL, alpha=ALPHA, seed=s) for s in range(4)]
         for a, src in zip(shared, adapters):
@@ -164,7 +165,15 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
                         row["peft_ms"] = peft_ms
                 print(f"[{name}] PEFT bf16 T={T}: {peft_ms:.1f} ms", flush=True)
                 del layer
+    print(f"[{name}] done in {time.perf_counter() - t_start:.0f} s", flush=True)
     return rows
+
+
+def _copy(w: ExpertWeights) -> ExpertWeights:
+    def stack(q):
+        return type(q)(q.method, q.data.clone(), q.scale.clone(), q.group_size)
+
+    return ExpertWeights(stack(w.gate_up), stack(w.down))
 
 
 def _line(r: dict) -> str:

@@ -40,9 +40,10 @@ class MoELoRAEngine:
         self.layers = layers
         self.method = first.method
         self.threads = threads or os.cpu_count() or 1
-        lora_dtype = torch.float32 if self.method == "fp32" else torch.bfloat16
-        self.slots = AdapterSlots(*shape, lora_dtype)
-        self._kernel = None if kernel == "torch" else _compiled(required=kernel == "compiled")
+        # Activations and LoRA run in fp32 with fp32 weights, else in bf16 (fp32 accumulation).
+        self.act_dtype = torch.float32 if self.method == "fp32" else torch.bfloat16
+        self.slots = AdapterSlots(*shape, self.act_dtype)
+        self._kernel = None if kernel == "torch" else _compiled(first, required=kernel == "compiled")
 
     @property
     def kernel(self) -> str:
@@ -77,19 +78,17 @@ class MoELoRAEngine:
         if token_slots is None:
             token_slots = torch.full((T,), NO_ADAPTER, dtype=torch.int64)
         self._check(x, topk_ids, topk_weights, token_slots, weights)
-        slots = self.slots.layer(layer)
         if self._kernel is None:
-            y = moe_forward_torch(weights, x, topk_ids, topk_weights, token_slots, slots)
+            y = moe_forward_torch(weights, x, topk_ids, topk_weights, token_slots, self.slots.layer(layer))
         else:
             y = self._kernel(
-                x.float().contiguous(),
+                x.to(self.act_dtype).contiguous(),
                 topk_ids.to(torch.int64).contiguous(),
                 topk_weights.float().contiguous(),
                 token_slots.to(torch.int64).contiguous(),
                 weights.gate_up.data, weights.gate_up.scale, weights.down.data, weights.down.scale,
                 METHOD_CODES[self.method], weights.gate_up.group_size,
-                [s.a_gate_up for s in slots], [s.b_gate for s in slots], [s.b_up for s in slots],
-                [s.a_down for s in slots], [s.b_down for s in slots],
+                *self.slots.kernel_args(layer),
                 self.threads,
             )
         return y.to(x.dtype)
@@ -104,6 +103,8 @@ class MoELoRAEngine:
             )
         if token_slots.shape != (T,):
             raise ValueError(f"token_slots: expected [{T}], found {list(token_slots.shape)}")
+        if self._kernel is not None and not self.slots.has_empty_slots:
+            return  # the kernel checks the slot range itself; unique() costs microseconds per call
         used = [s for s in token_slots.unique().tolist() if s != NO_ADAPTER]
         bad = [s for s in used if not self.slots.is_loaded(s)]
         if bad:
@@ -111,7 +112,12 @@ class MoELoRAEngine:
             raise ValueError(f"token_slots: slot {bad[0]} holds no adapter (loaded: {loaded})")
 
 
-def _compiled(required: bool):
+def _compiled(weights: ExpertWeights, required: bool):
+    H, I = weights.hidden_size, weights.intermediate_size
+    if H % 32 or I % 32:  # every real MoE model's are; tiny test models' may not be
+        if required:
+            raise KernelUnavailable(f"hidden {H} and intermediate {I} must be multiples of 32")
+        return None
     try:
         return cpu_kernel()
     except KernelUnavailable as err:

@@ -28,7 +28,7 @@ class KernelUnavailable(RuntimeError):
 def cpu_kernel():
     """The op ``torch.ops.expertlora_cpu.moe_lora``; raises KernelUnavailable with the reason."""
     if platform.machine() not in ("x86_64", "AMD64") or not _has_avx512():
-        raise KernelUnavailable("the CPU has no AVX-512 (avx512f/bw/vl)")
+        raise KernelUnavailable("the CPU lacks AVX-512 with BF16 (avx512f/bw/vl/avx512_bf16)")
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
@@ -76,4 +76,4 @@ def _cpu_flags() -> str:
 
 def _has_avx512() -> bool:
     flags = set(_cpu_flags().split())
-    return {"avx512f", "avx512bw", "avx512vl"} <= flags
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags

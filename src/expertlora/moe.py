@@ -90,13 +90,13 @@ def moe_forward_torch(
             lora = slots[s]
             shrunk = xs[rows].float() @ lora.a_gate_up[e].float().T  # [m, rg + ru]
             rg = lora.gate_rank
-            gu[rows, :I] += shrunk[:, :rg] @ lora.b_gate[e].float().T
-            gu[rows, I:] += shrunk[:, rg:] @ lora.b_up[e].float().T
+            gu[rows, :I] += shrunk[:, :rg] @ lora.bt_gate[e].float()
+            gu[rows, I:] += shrunk[:, rg:] @ lora.bt_up[e].float()
         h = F.silu(gu[:, :I]) * gu[:, I:]  # [n, I]
         d = _expert_linear(weights.down, e, h)  # [n, H]
         for s, rows in groups:
             lora = slots[s]
-            d[rows] += (h[rows] @ lora.a_down[e].float().T) @ lora.b_down[e].float().T
+            d[rows] += (h[rows] @ lora.a_down[e].float().T) @ lora.bt_down[e].float()
         y.index_add_(0, tokens, d * pair_weights[p, None])
     return y
 

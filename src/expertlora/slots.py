@@ -1,8 +1,9 @@
 """Adapter slots: any number of canonical adapters loaded at once, each token picking one.
 
 Each adapter is turned, once at load, into the form the engine runs (per layer, SlotLoRA):
-the scaling folded into B, gate's and up's A stacked so one shrink serves both, and a
-projection the adapter does not target given rank 0, so no kernel ever asks "is there LoRA?".
+the scaling folded into B, B transposed (so the expand runs along output columns), gate's and
+up's A stacked so one shrink serves both, and a projection the adapter does not target given
+rank 0, so no kernel ever asks "is there LoRA?".
 
 Shape legend: E = experts, H = hidden, I = intermediate, rg / ru / rd = gate / up / down rank.
 """
@@ -24,14 +25,14 @@ class SlotLoRA:
     """One adapter's expert LoRA for one layer, ready for the engine."""
 
     a_gate_up: torch.Tensor  # [E, rg + ru, H]
-    b_gate: torch.Tensor  # [E, I, rg]  scaled
-    b_up: torch.Tensor  # [E, I, ru]  scaled
+    bt_gate: torch.Tensor  # [E, rg, I]  scaling · Bᵀ
+    bt_up: torch.Tensor  # [E, ru, I]
     a_down: torch.Tensor  # [E, rd, I]
-    b_down: torch.Tensor  # [E, H, rd]  scaled
+    bt_down: torch.Tensor  # [E, rd, H]
 
     @property
     def gate_rank(self) -> int:
-        return self.b_gate.shape[2]
+        return self.bt_gate.shape[1]
 
     @classmethod
     def from_layer(cls, lora: LayerLoRA | None, E: int, H: int, I: int, dtype: torch.dtype) -> "SlotLoRA":
@@ -42,10 +43,11 @@ class SlotLoRA:
 
 
 def _scaled(proj: ProjLoRA | None, E: int, n_in: int, n_out: int, dtype: torch.dtype):
+    """(A [E, r, in], scaling · Bᵀ [E, r, out]) in ``dtype``."""
     if proj is None:
-        return torch.empty(E, 0, n_in, dtype=dtype), torch.empty(E, n_out, 0, dtype=dtype)
-    b = proj.b.to(torch.float32) * proj.spec.scaling
-    return proj.a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        return torch.empty(E, 0, n_in, dtype=dtype), torch.empty(E, 0, n_out, dtype=dtype)
+    bt = proj.b.to(torch.float32).transpose(1, 2) * proj.spec.scaling
+    return proj.a.to(dtype).contiguous(), bt.to(dtype).contiguous()
 
 
 class AdapterSlots:
@@ -56,6 +58,7 @@ class AdapterSlots:
         self.dtype = dtype
         self._slots: list[dict[int, SlotLoRA] | None] = []  # slot -> layer -> LoRA
         self._index: dict[str, int] = {}
+        self._kernel_args: dict[int, tuple[list[torch.Tensor], ...]] = {}  # cleared on load / unload
         self._empty = SlotLoRA.from_layer(None, num_experts, hidden_size, intermediate_size, dtype)
 
     @property
@@ -84,11 +87,13 @@ class AdapterSlots:
             self._slots.append(None)
         self._slots[slot] = layers
         self._index[name] = slot
+        self._kernel_args.clear()
         return slot
 
     def unload(self, name: str) -> None:
         self._slots[self.index(name)] = None
         del self._index[name]
+        self._kernel_args.clear()
 
     def index(self, name: str | None) -> int:
         """Slot number of ``name``; None means no adapter (NO_ADAPTER)."""
@@ -101,6 +106,19 @@ class AdapterSlots:
     def layer(self, layer: int) -> list[SlotLoRA]:
         """Every slot's LoRA for ``layer``, indexed by slot; empty slots have rank 0."""
         return [(layers or {}).get(layer, self._empty) for layers in self._slots]
+
+    def kernel_args(self, layer: int) -> tuple[list[torch.Tensor], ...]:
+        """The compiled kernel's five per-slot lists for ``layer`` (A_gu, Bᵀ_g, Bᵀ_u, A_d, Bᵀ_d)."""
+        if layer not in self._kernel_args:
+            slots = self.layer(layer)
+            self._kernel_args[layer] = tuple(
+                [getattr(s, f) for s in slots] for f in ("a_gate_up", "bt_gate", "bt_up", "a_down", "bt_down")
+            )
+        return self._kernel_args[layer]
+
+    @property
+    def has_empty_slots(self) -> bool:
+        return None in self._slots
 
     def is_loaded(self, slot: int) -> bool:
         return 0 <= slot < len(self._slots) and self._slots[slot] is not None
