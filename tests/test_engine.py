@@ -240,3 +240,20 @@ def test_method_names():
         resolve_method("int3")
     with pytest.raises(ValueError, match="group size 48"):
         quantize(torch.randn(1, 4, 96), "int4", 48)
+
+
+@pytest.mark.parametrize("method", ["fp32", "bf16", "int8", "int4"])
+def test_compiled_kernel_at_a_shape_that_splits_into_many_tasks(method):
+    """Rows are cut into tasks of about 32 KB: check the cuts at a size where there are many."""
+    if not _compiled_available():
+        pytest.skip("kernel cannot be built here")
+    E, H, I = 4, 256, 512
+    weights = ExpertWeights.from_tensors(*make_weights(E, H, I), method=method, group_size=64)
+    engine = MoELoRAEngine({LAYER: weights}, threads=2, kernel="compiled")
+    adapter = random_expert_lora(E, H, I, [LAYER], {"gate": 8, "up": 8, "down": 8}, seed=4)
+    engine.load_adapter("a", adapter)
+    names = ["a", None] * 20
+    x = torch.randn(len(names), H)
+    ids, w = routing(len(names), E, 2, seed=4)
+    y = engine.forward(LAYER, x, ids, w, engine.token_slots(names))
+    assert rel(y, reference(weights, x, ids, w, names, {"a": adapter})) < TOLERANCE[method]

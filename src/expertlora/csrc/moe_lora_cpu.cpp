@@ -30,20 +30,27 @@ namespace {
 constexpr int64_t kTile = 4;       // tokens per register tile
 constexpr int64_t kRowBlock = 16;  // weight rows per task
 constexpr int64_t kColBlock = 64;  // output columns per task in phases 2 and 4
+constexpr int64_t kTaskBytes = 32768;  // weight bytes per row task (at least kRowBlock rows)
+constexpr int64_t kPrefetch = 1024;    // bytes ahead: the rows of a task are contiguous
+
+inline void prefetch(const void* p) { _mm_prefetch((const char*)p + kPrefetch, _MM_HINT_T0); }
 
 // ---- weight stacks [E, N, K]: row(e, n) and 32 (bf16 path) or 16 (fp32 path) values a step
 
-struct F32W {  // fp32 weights, fp32 activations
+struct F32W {
+  static constexpr int64_t kBits = 32;  // fp32 weights, fp32 activations
   using Act = float;
   static constexpr int64_t kStep = 16;
   static constexpr bool kGrouped = false;
   const float* d; int64_t N, K;
   struct Row { const float* p; };
   Row row(int64_t e, int64_t n) const { return {d + (e * N + n) * K}; }
+  const void* at(const Row& r, int64_t k) const { return r.p + k; }
   float scale(const Row&, int64_t) const { return 1.f; }
 };
 
 struct BF16W {
+  static constexpr int64_t kBits = 16;
   using Act = uint16_t;
   static constexpr int64_t kStep = 32;
   static constexpr bool kGrouped = false;
@@ -51,11 +58,13 @@ struct BF16W {
   const uint16_t* d; int64_t N, K;
   struct Row { const uint16_t* p; };
   Row row(int64_t e, int64_t n) const { return {d + (e * N + n) * K}; }
+  const void* at(const Row& r, int64_t k) const { return r.p + k; }
   __m512bh chunk(const Row& r, int64_t k) const { return (__m512bh)_mm512_loadu_si512(r.p + k); }
   float scale(const Row&, int64_t) const { return 1.f; }
 };
 
-struct I8W {  // symmetric per row: w = q * scale[row]
+struct I8W {
+  static constexpr int64_t kBits = 8;  // symmetric per row: w = q * scale[row]
   using Act = uint16_t;
   static constexpr int64_t kStep = 32;
   static constexpr bool kGrouped = false;
@@ -63,6 +72,7 @@ struct I8W {  // symmetric per row: w = q * scale[row]
   const int8_t* d; const float* s; int64_t N, K;
   struct Row { const int8_t* p; float scale; };
   Row row(int64_t e, int64_t n) const { return {d + (e * N + n) * K, s[e * N + n]}; }
+  const void* at(const Row& r, int64_t k) const { return r.p + k; }
   __m512bh chunk(const Row& r, int64_t k) const {  // int8 values are exact in bf16
     __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r.p + k))));
     __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(r.p + k + 16))));
@@ -80,7 +90,8 @@ inline constexpr uint16_t bf16_of_small_int(int v) {  // exact for |v| <= 256
   return sign | (uint16_t)((127 + exp) << 7) | mant;
 }
 
-struct I4W {  // symmetric per group: w = (nibble - 8) * scale[row, group]
+struct I4W {
+  static constexpr int64_t kBits = 4;  // symmetric per group: w = (nibble - 8) * scale[row, group]
   using Act = uint16_t;
   static constexpr int64_t kStep = 32;
   static constexpr bool kGrouped = true;
@@ -93,6 +104,7 @@ struct I4W {  // symmetric per group: w = (nibble - 8) * scale[row, group]
     lut = _mm512_load_si512(table);
   }
   Row row(int64_t e, int64_t n) const { return {d + (e * N + n) * (K / 2), s + (e * N + n) * (K / group)}; }
+  const void* at(const Row& r, int64_t k) const { return r.p + k / 2; }
   __m512bh chunk(const Row& r, int64_t k) const {
     // 16 bytes hold elements k..k+31, 2j in the low nibble: dword j = lo | hi << 16 is the pair.
     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r.p + k / 2)));
@@ -114,7 +126,7 @@ inline void dot(const W& w, const typename W::Row* rows, const typename W::Act* 
   if constexpr (std::is_same_v<W, F32W>) {
     for (int64_t k = 0; k < K; k += 16) {
       __m512 wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_ps(rows[r].p + k);
+      for (int r = 0; r < R; ++r) prefetch(w.at(rows[r], k)), wv[r] = _mm512_loadu_ps(rows[r].p + k);
       for (int m = 0; m < M; ++m) {
         __m512 xv = _mm512_loadu_ps(x[m] + k);
         for (int r = 0; r < R; ++r) tot[r][m] = _mm512_fmadd_ps(wv[r], xv, tot[r][m]);
@@ -128,7 +140,7 @@ inline void dot(const W& w, const typename W::Row* rows, const typename W::Act* 
         for (int m = 0; m < M; ++m) acc[r][m] = W::kGrouped ? _mm512_setzero_ps() : tot[r][m];
       for (int64_t k = g0; k < g0 + G; k += 32) {
         __m512bh wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = w.chunk(rows[r], k);
+        for (int r = 0; r < R; ++r) prefetch(w.at(rows[r], k)), wv[r] = w.chunk(rows[r], k);
         for (int m = 0; m < M; ++m) {
           __m512bh xv = (__m512bh)_mm512_loadu_si512(x[m] + k);
           for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
@@ -167,8 +179,8 @@ void rows_times_tokens(const W& w, int64_t e, int64_t n0, int64_t n1, const type
       const int64_t M = std::min(kTile, n_tok - m0);
       float* o = out + m0 * stride + (n - n0);
       const typename W::Act* const* xm = x + m0;
-#define EXPERTLORA_DOT(MM)                                    \
-  if (two) dot_store<2, MM>(w, rows, xm, K, o, stride);       \
+#define EXPERTLORA_DOT(MM)                              \
+  if (two) dot_store<2, MM>(w, rows, xm, K, o, stride); \
   else dot_store<1, MM>(w, rows, xm, K, o, stride);
       switch (M) {
         case 4: EXPERTLORA_DOT(4) break;
@@ -213,6 +225,10 @@ inline __m512 expand16(__m512 v, const float* s, const LT* bt, int64_t r, int64_
 }
 
 // ---- the op
+
+inline int64_t rows_per_task(int64_t row_bytes) {
+  return std::max(kRowBlock, (kTaskBytes / std::max<int64_t>(row_bytes, 1)) & ~int64_t(1));
+}
 
 template <class W>
 W make_stack(const at::Tensor& w, const at::Tensor& s, int64_t K, int64_t group) {
@@ -294,22 +310,24 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
   const float* wts = topk_weights.data_ptr<float>();
 
   const int64_t n_active = active.size(), n_lora = lora_q.size();
-  const int64_t gu_blocks = (2 * I + kRowBlock - 1) / kRowBlock, d_blocks = (H + kRowBlock - 1) / kRowBlock;
+  // Rows per task: about kTaskBytes of weights, so short quantized rows still stream well.
+  const int64_t gu_rows = rows_per_task(H * W::kBits / 8), d_rows = rows_per_task(I * W::kBits / 8);
+  const int64_t gu_blocks = (2 * I + gu_rows - 1) / gu_rows, d_blocks = (H + d_rows - 1) / d_rows;
   const int64_t i_cols = (I + kColBlock - 1) / kColBlock, h_cols = (H + kColBlock - 1) / kColBlock;
 
 #pragma omp parallel num_threads(num_threads)
   {
-    // 1. gate/up rows of every active expert for all its tokens; LoRA shrink of x
+    // 1. LoRA shrink of x (first, so it is not the tail); gate/up rows of every active expert
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_active * gu_blocks + n_lora; ++task) {
-      if (task < n_active * gu_blocks) {
-        const int64_t e = active[task / gu_blocks], n0 = (task % gu_blocks) * kRowBlock;
-        const int64_t q0 = count[e], n = count[e + 1] - q0;
-        rows_times_tokens(gu, e, n0, std::min(n0 + kRowBlock, 2 * I), &q_x[q0], n, H, gup + q0 * 2 * I + n0, 2 * I);
-      } else {
-        const int64_t q = lora_q[task - n_active * gu_blocks];
+    for (int64_t task = 0; task < n_lora + n_active * gu_blocks; ++task) {
+      if (task < n_lora) {
+        const int64_t q = lora_q[task];
         const auto& l = slots[q_slot[q]];
         rows_times_tokens(l.a_gu, q_exp[q], 0, l.rg + l.ru, &q_x[q], 1, H, sxp + q * r1, r1);
+      } else {
+        const int64_t b = task - n_lora, e = active[b / gu_blocks], n0 = (b % gu_blocks) * gu_rows;
+        const int64_t q0 = count[e], n = count[e + 1] - q0;
+        rows_times_tokens(gu, e, n0, std::min(n0 + gu_rows, 2 * I), &q_x[q0], n, H, gup + q0 * 2 * I + n0, 2 * I);
       }
     }
     // 2. LoRA expand of gate and up, activation
@@ -327,17 +345,17 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
         store16(hp + q * I + c, _mm512_mul_ps(silu16(g), u));
       }
     }
-    // 3. down rows of every active expert for all its tokens; LoRA shrink of h
+    // 3. LoRA shrink of h; down rows of every active expert
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < n_active * d_blocks + n_lora; ++task) {
-      if (task < n_active * d_blocks) {
-        const int64_t e = active[task / d_blocks], n0 = (task % d_blocks) * kRowBlock;
-        const int64_t q0 = count[e], n = count[e + 1] - q0;
-        rows_times_tokens(dn, e, n0, std::min(n0 + kRowBlock, H), &q_h[q0], n, I, dp + q0 * H + n0, H);
-      } else {
-        const int64_t q = lora_q[task - n_active * d_blocks];
+    for (int64_t task = 0; task < n_lora + n_active * d_blocks; ++task) {
+      if (task < n_lora) {
+        const int64_t q = lora_q[task];
         const auto& l = slots[q_slot[q]];
         rows_times_tokens(l.a_d, q_exp[q], 0, l.rd, &q_h[q], 1, I, shp + q * r2, r2);
+      } else {
+        const int64_t b = task - n_lora, e = active[b / d_blocks], n0 = (b % d_blocks) * d_rows;
+        const int64_t q0 = count[e], n = count[e + 1] - q0;
+        rows_times_tokens(dn, e, n0, std::min(n0 + d_rows, H), &q_h[q0], n, I, dp + q0 * H + n0, H);
       }
     }
     // 4. LoRA expand of down and the routing-weight sum, in the order of the token's k choices
