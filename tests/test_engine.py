@@ -257,3 +257,23 @@ def test_compiled_kernel_at_a_shape_that_splits_into_many_tasks(method):
     ids, w = routing(len(names), E, 2, seed=4)
     y = engine.forward(LAYER, x, ids, w, engine.token_slots(names))
     assert rel(y, reference(weights, x, ids, w, names, {"a": adapter})) < TOLERANCE[method]
+
+
+def test_large_bf16_batches_can_run_on_onednn():
+    """With onednn_from set, large bf16 batches take the PyTorch path (AMX through oneDNN)."""
+    E, H, I = shape_for("bf16")
+    weights = ExpertWeights.from_tensors(*make_weights(E, H, I), method="bf16")
+    adapter = random_expert_lora(E, H, I, [LAYER], {"gate": 4, "up": 4, "down": 4}, seed=7)
+    engines = {
+        "onednn": MoELoRAEngine({LAYER: weights}, kernel="auto", onednn_from=2),
+        "torch": MoELoRAEngine({LAYER: weights}, kernel="torch"),
+    }
+    names = ["a", None, "a"] * 4
+    x = torch.randn(len(names), H)
+    ids, w = routing(len(names), E, 2, seed=8)
+    out = {}
+    for key, engine in engines.items():
+        engine.load_adapter("a", adapter)
+        out[key] = engine.forward(LAYER, x, ids, w, engine.token_slots(names))
+    assert torch.equal(out["onednn"], out["torch"])
+    assert rel(out["onednn"], reference(weights, x, ids, w, names, {"a": adapter})) < TOLERANCE["bf16"]

@@ -74,6 +74,10 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def has_amx() -> bool:
+    return "amx_bf16" in _cpu_flags().split()
+
+
 def _has_avx512() -> bool:
     flags = set(_cpu_flags().split())
     return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
