@@ -8,7 +8,8 @@ Method: each timed call picks the next of several layers' weights (more bytes in
 not served from cache; medians after warm-up. Peers run in the same process: the engine
 without adapters, with four adapters mixed in one batch, our PyTorch path (the portable
 fallback: one matmul per expert), and transformers 5 + peft ``target_parameters`` on the
-same layer. The read and copy bandwidth of this machine are measured first.
+same layer. The engine's three variants take turns call by call; the read and copy bandwidth
+of this machine are measured first.
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ def median_ms(fn, calls: int, warmup: int) -> float:
         fn(i)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def interleaved_ms(fns: dict, calls: int, warmup: int) -> dict:
+    """Median ms of each fn(i), the variants taking turns call by call so that drift (clock,
+    neighbours) falls on all of them alike. Each call gets its own index i (its own layer of the
+    rotation and its own routing), so no variant runs on weights the previous one just read."""
+    times = {name: [] for name in fns}
+    for n in range(warmup + calls):
+        for j, (name, fn) in enumerate(fns.items()):
+            t0 = time.perf_counter()
+            fn(n * len(fns) + j)
+            if n >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def bandwidth(cache_mb: int) -> tuple[float, float]:
@@ -128,7 +143,7 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
         dtype = torch.float32 if method == "fp32" else torch.bfloat16
         for T in tokens:
             calls = args.calls if T < 512 else max(3, args.calls // 4)
-            rts = routings(T, E, k, calls + args.warmup, seed=T)
+            rts = routings(T, E, k, 3 * (calls + max(args.warmup, n_layers)), seed=T)
             xs = [torch.randn(T, H, dtype=dtype) for _ in range(4)]
             one = torch.zeros(T, dtype=torch.long)
             mixed = torch.arange(T, dtype=torch.long) % 4
@@ -139,9 +154,12 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
                     eng.forward(i % n_layers, xs[i % 4], ids, w, slots)
                 return fn
 
-            lora_ms = median_ms(call(engine, one), calls, args.warmup)
-            base_ms = median_ms(call(bare, None), calls, args.warmup)
-            mixed_ms = median_ms(call(engine, mixed), calls, args.warmup)
+            # warm-up covers every layer of the rotation once
+            ms = interleaved_ms(
+                {"lora": call(engine, one), "base": call(bare, None), "mixed": call(engine, mixed)},
+                calls, max(args.warmup, n_layers),
+            )
+            lora_ms, base_ms, mixed_ms = ms["lora"], ms["base"], ms["mixed"]
             slow_calls = max(2, calls // 4) if T >= 32 or name == "mixtral-8x7b" else calls
             torch_ms = median_ms(call(fallback, one), slow_calls, 1) if args.torch_path else float("nan")
             moved = statistics.mean(active_bytes(ids, layers[0]) for ids, _ in rts)
