@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from typer.testing import CliRunner
 
 from expertlora import load_adapter, tiny
@@ -56,9 +57,10 @@ def test_readme_python_example(fused_adapter, model_dir):
 
     path, _, base = fused_adapter("qwen3_moe")
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    code = "\n".join(re.findall(r"```python\n(.*?)```", readme, re.S))
     code = code.replace("path/to/model", str(model_dir("qwen3_moe"))).replace("path/to/peft_adapter", str(path))
     scope: dict = {}
     exec(code, scope)
     E, I, H = base.num_experts, base.intermediate_size, base.hidden_size
     assert scope["delta"].shape == (E, I, H) and scope["lora"].a.shape == (E, 4, H)
+    assert scope["y"].shape == (3, H) and scope["y"].dtype == torch.bfloat16

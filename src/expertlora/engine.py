@@ -6,7 +6,8 @@
 
 token_slots holds each token's adapter slot (``engine.slot("math")``) or -1 for none.
 The compiled kernel runs where it builds; the PyTorch path (moe.moe_forward_torch) is the
-portable fallback and is chosen once, at construction.
+portable fallback, chosen once at construction. The one choice per call: large bf16 batches
+on CPUs with AMX go to the PyTorch path, whose oneDNN matmuls use AMX (``onednn_from``).
 """
 
 from __future__ import annotations
