@@ -23,7 +23,7 @@ runner = CliRunner()
 
 COMMANDS = ("inspect", "convert", "export-peft")
 # The per-expert adapter used throughout: qwen3_moe / deepseek_v3 tiny sizes, MoE layers of both.
-E, H, I, R, ALPHA = 6, 32, 24, 4, 8.0
+E, H, I, R, ALPHA = 6, 32, 64, 4, 8.0
 LAYERS = [1, 2]
 WEIGHTS = "adapter_model.safetensors"
 

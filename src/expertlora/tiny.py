@@ -12,27 +12,28 @@ import torch
 
 from .lora import AdapterInfo, ExpertLoRA, LayerLoRA, LoRASpec, ProjLoRA, lora_scaling
 
-# Small configs of each supported family; every one keeps H != 2I so that fused layouts are unambiguous.
+# Small configs of each supported family: H != 2I and H != I keep fused layouts unambiguous, and
+# H, I multiples of 32 let the compiled kernel and int4 run on them.
 FAMILIES: dict[str, dict] = {
     "qwen3_moe": dict(
-        hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=64, num_experts=6, num_experts_per_tok=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
     ),
     "qwen2_moe": dict(
-        hidden_size=32, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=64, shared_expert_intermediate_size=40,
         num_experts=6, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
     ),
     "mixtral": dict(
-        hidden_size=32, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+        hidden_size=32, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
         num_attention_heads=4, num_key_value_heads=2,
     ),
     "deepseek_v3": dict(
-        hidden_size=32, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=6, num_experts_per_tok=2,
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=64, n_routed_experts=6, num_experts_per_tok=2,
         n_shared_experts=1, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
         q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1,
     ),
     "deepseek_v2": dict(
-        hidden_size=32, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=6, num_experts_per_tok=2,
+        hidden_size=32, intermediate_size=48, moe_intermediate_size=64, n_routed_experts=6, num_experts_per_tok=2,
         n_shared_experts=1, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
     ),
