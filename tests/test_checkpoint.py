@@ -17,7 +17,7 @@ from .conftest import FAMILIES
 
 def model_experts(model, layer: int):
     """The transformers 5 model's own stacked experts of ``layer``."""
-    experts = [m for n, m in model.named_modules() if n == f"model.layers.{layer}.mlp.experts"][0]
+    experts = model.get_submodule(f"model.layers.{layer}.mlp.experts")
     return experts.gate_up_proj.detach(), experts.down_proj.detach()
 
 
@@ -64,7 +64,7 @@ def test_bad_checkpoints(tmp_path, model_dir):
     with pytest.raises(AdapterError, match="no .safetensors files"):
         Checkpoint(tmp_path)
     base = MoEConfig.from_model_dir(tmp_path)
-    E, H, I = base.num_experts, base.hidden_size, base.intermediate_size
+    H, I = base.hidden_size, base.intermediate_size
     save_file({"model.layers.0.block_sparse_moe.experts.0.w1.weight": torch.randn(I, H)}, tmp_path / "model.safetensors")
     ckpt = Checkpoint(tmp_path)
     with pytest.raises(AdapterError, match=r"block_sparse_moe.experts.0.w3.weight: expected a tensor"):

@@ -17,7 +17,13 @@ import os
 import torch
 
 from .experts import ExpertWeights
-from .kernels import METHOD_CODES, KernelUnavailable, cpu_kernel, has_amx, warn_unavailable
+from .kernels import (
+    METHOD_CODES,
+    KernelUnavailable,
+    cpu_kernel,
+    has_amx,
+    warn_unavailable,
+)
 from .lora import ExpertLoRA
 from .moe import moe_forward_torch
 from .slots import NO_ADAPTER, AdapterSlots

@@ -40,7 +40,7 @@ class ExpertWeights:
         down: torch.Tensor,  # [E, H, I]
         method: str = "bf16",
         group_size: int = DEFAULT_GROUP_SIZE,
-    ) -> "ExpertWeights":
+    ) -> ExpertWeights:
         return cls.from_gate_up(torch.cat((gate, up), dim=1), down, method, group_size)
 
     @classmethod
@@ -50,7 +50,7 @@ class ExpertWeights:
         down: torch.Tensor,  # [E, H, I]
         method: str = "bf16",
         group_size: int = DEFAULT_GROUP_SIZE,
-    ) -> "ExpertWeights":
+    ) -> ExpertWeights:
         return cls(quantize(gate_up, method, group_size), quantize(down, method, group_size))
 
     @property

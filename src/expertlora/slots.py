@@ -35,7 +35,7 @@ class SlotLoRA:
         return self.bt_gate.shape[1]
 
     @classmethod
-    def from_layer(cls, lora: LayerLoRA | None, E: int, H: int, I: int, dtype: torch.dtype) -> "SlotLoRA":
+    def from_layer(cls, lora: LayerLoRA | None, E: int, H: int, I: int, dtype: torch.dtype) -> SlotLoRA:
         gate_a, gate_b = _scaled(lora and lora.gate, E, H, I, dtype)
         up_a, up_b = _scaled(lora and lora.up, E, H, I, dtype)
         down_a, down_b = _scaled(lora and lora.down, E, I, H, dtype)
