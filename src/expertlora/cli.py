@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -141,6 +142,49 @@ def demo(
     with _errors():
         ok = run_demo(workdir, console)
     raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def run(
+    model: Annotated[Path, typer.Option("--model", "--model-path", help="Hugging Face checkpoint directory of a MoE model.")],
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "--kt-moe-lora-path", help="[NAME=]PATH of an adapter (any format inspect reads); repeat for several.")] = None,
+    use: Annotated[Optional[str], typer.Option("--use", help="The adapter this prompt runs with, by NAME, or none. Default: the first --adapter.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt text (needs a tokenizer in the model directory).")] = None,
+    prompt_ids: Annotated[Optional[str], typer.Option("--prompt-ids", help="Prompt as token ids: 1,2,3.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 32,
+    method: Annotated[str, typer.Option("--method", "--kt-moe-sft-method", help="Expert storage: fp32, bf16, int8 or int4 (AMXBF16_SFT / AMXINT8_SFT / AMXINT4_SFT).")] = "bf16",
+    dtype: Annotated[str, typer.Option("--dtype", help="Non-expert layers: auto (fp32 with --method fp32, else bf16), bf16 or fp32.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", "--kt-cpuinfer", help="CPU threads for the experts (default: all cores).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy; above 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens (0: all).")] = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Generate all --max-new-tokens even past end-of-sequence.")] = False,
+    lora_rank: Annotated[Optional[int], typer.Option("--kt-moe-lora-rank", help="Seed compatibility: must equal the adapter's rank.")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--kt-moe-lora-alpha", help="Seed compatibility: must equal the adapter's alpha.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: token_ids, text, prompt_tokens, tokens_per_s, adapter.")] = False,
+    progress: ProgressOpt = True,
+):
+    """Generate from a MoE checkpoint with expert LoRA adapters (experts on the CPU engine)."""
+    from .run import Sampling, generate, load_setup
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, via PEFT
+    with _errors():
+        try:
+            sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
+            setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress)
+            result = generate(setup.model, setup.prompt_ids, setup.adapter, sampling, setup.tokenizer)
+        except ValueError as e:  # AdapterError included: bad input, one line
+            err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    console.print(result.text if result.text is not None else " ".join(map(str, result.token_ids)), markup=False, highlight=False)
+    console.print(
+        f"[dim]{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, adapter {result.adapter or 'none'}, "
+        f"method {setup.method}[/dim]"
+    )
 
 
 def main() -> None:
