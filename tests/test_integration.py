@@ -73,3 +73,26 @@ def test_one_adapter_or_none_for_the_whole_batch(model_dir, fused_adapter):
             without = peft_model(input_ids=ids).logits
         assert rel_err(lora, peft_model(input_ids=ids).logits) < 1e-4
     assert rel_err(none, without) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_transformers4_per_expert_adapter(family, tmp_path, model_dir):
+    """A v4-style per-expert adapter runs directly. The reference: our fused export of it (checked
+    against PEFT's deltas in test_formats), loaded by PEFT onto the transformers 5 model."""
+    from peft import PeftModel
+
+    from expertlora import MoEConfig, tiny
+    from expertlora.convert import export
+
+    base = MoEConfig.from_model_dir(model_dir(family))
+    src = tiny.write_per_expert_adapter(
+        tmp_path / "v4", num_layers=list(base.moe_layers), num_experts=base.num_experts, hidden_size=base.hidden_size,
+        intermediate_size=base.intermediate_size, naming=base.expert_naming, extra_config={"use_rslora": True},
+    )
+    export(src, tmp_path / "fused", layout="fused", base=base, progress=False)
+    peft_model = PeftModel.from_pretrained(tiny.tiny_model(family, seed=0), str(tmp_path / "fused")).eval()
+    ours = load_model(model_dir(family), "fp32", adapters={"v4": load_adapter(src, base)})
+    ids = prompt(2, 6, seed=4)
+    with torch.no_grad():
+        assert rel_err(ours.model(input_ids=ids, **ours.use(["v4", "v4"])).logits, peft_model(input_ids=ids).logits) < 1e-4
+        assert torch.equal(greedy(ours.model, ids, **ours.use(["v4", "v4"])), greedy(peft_model, ids))
