@@ -1,0 +1,125 @@
+"""End to end: prefill and decode tokens/s of a mid-size random MoE model, CPU.
+
+    python benchmarks/e2e.py                       # 4 layers of the Qwen3-30B-A3B shape
+    python benchmarks/e2e.py --methods bf16 --new-tokens 16
+
+The model: 4 decoder layers of Qwen3-30B-A3B (H 2048, E 128, top-8, I 768, 32 heads, 4 KV heads),
+random weights, vocabulary --vocab (default 32000, so the output layer does not hide the MoE).
+The adapter: PEFT ``target_parameters`` LoRA r 16 on every MoE layer's experts plus q_proj /
+o_proj. Rows, all in one process: transformers 5 base (its default experts forward);
+transformers 5 + PEFT; expertlora without and with the adapter, for each method (the non-expert
+layers in bf16). Prefill: one forward over --prompt-tokens. Decode: --new-tokens single-token
+steps with the KV cache, after the prefill; tokens/s over the steps alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import warnings
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from expertlora import MoEConfig, load_adapter
+from expertlora.integration import load_model
+
+RANK, ALPHA = 16, 32.0
+
+
+def config(vocab: int, layers: int):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        hidden_size=2048, moe_intermediate_size=768, intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
+        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=vocab,
+        norm_topk_prob=True, tie_word_embeddings=False,
+    )
+
+
+def speeds(model, prompt: torch.Tensor, new_tokens: int, **kw) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) with the KV cache, greedy."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=prompt, use_cache=True, **kw)
+        prefill = prompt.shape[1] / (time.perf_counter() - t0)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=token, past_key_values=past, use_cache=True, **kw)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return prefill, new_tokens / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="bf16,int8,int4")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--peft-new-tokens", type=int, default=3, help="PEFT decodes slowly: fewer steps")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workdir", default=None, help="where the random checkpoint goes (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="append the markdown table to this file")
+    args = p.parse_args()
+    warnings.simplefilter("ignore")
+    threads = args.threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="expertlora-e2e-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config(args.vocab, args.layers), dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            for p_ in model.parameters():
+                p_.normal_(0, 0.02)
+        model.save_pretrained(work / "model")
+        prompt = torch.randint(0, args.vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
+        rows = [("transformers 5 base", "bf16", *speeds(model, prompt, args.new_tokens))]
+        print(rows[-1], flush=True)
+        targets = [f"model.layers.{L}.mlp.experts.{p}" for L in range(args.layers) for p in ("gate_up_proj", "down_proj")]
+        lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "o_proj"], target_parameters=targets)
+        peft_model = get_peft_model(model, lora).eval()
+        with torch.no_grad():
+            for name, p_ in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p_.normal_(0, 0.02)
+        peft_model.save_pretrained(work / "adapter")
+        rows.append(("transformers 5 + PEFT", "bf16", *speeds(peft_model, prompt, args.peft_new_tokens)))
+        print(rows[-1], flush=True)
+        del model, peft_model
+        base = MoEConfig.from_model_dir(work / "model")
+        adapter = load_adapter(work / "adapter", base)
+        for method in args.methods.split(","):
+            lm = load_model(work / "model", method, adapters={"lora": adapter}, threads=threads)
+            for name in (None, "lora"):
+                kw = lm.use([name])
+                rows.append((f"expertlora {'+ adapter' if name else 'no adapter'}", method, *speeds(lm.model, prompt, args.new_tokens, **kw)))
+                print(rows[-1], flush=True)
+            del lm
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU")
+    table = [
+        f"### {cpu}, {os.cpu_count()} cores, threads {threads}, torch {torch.__version__}, {date.today()}",
+        "",
+        f"{args.layers} layers of the Qwen3-30B-A3B shape, vocabulary {args.vocab}, prompt {args.prompt_tokens} tokens, "
+        f"decode {args.new_tokens} steps ({args.peft_new_tokens} for PEFT), LoRA r {RANK} on experts + q_proj / o_proj.",
+        "",
+        "| run | experts | prefill tokens/s | decode tokens/s |",
+        "|---|---|---|---|",
+        *(f"| {run} | {method} | {pre:.1f} | {dec:.2f} |" for run, method, pre, dec in rows),
+    ]
+    text = "\n".join(table) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
