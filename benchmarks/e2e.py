@@ -9,7 +9,8 @@ The adapter: PEFT ``target_parameters`` LoRA r 16 on every MoE layer's experts p
 o_proj. Rows, all in one process: transformers 5 base (its default experts forward);
 transformers 5 + PEFT; expertlora without and with the adapter, for each method (the non-expert
 layers in bf16). Prefill: one forward over --prompt-tokens. Decode: --new-tokens single-token
-steps with the KV cache, after the prefill; tokens/s over the steps alone.
+steps with the KV cache, after the prefill; tokens/s over the steps alone. Each row runs a
+short warm-up first (PEFT's row does not: one step takes seconds).
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ def config(vocab: int, layers: int):
 
 
 def speeds(model, prompt: torch.Tensor, new_tokens: int, **kw) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) with the KV cache, greedy."""
+    """(prefill tokens/s, decode tokens/s) with the KV cache, greedy, after a short warm-up run."""
+    if new_tokens > 1:
+        _decode(model, prompt[:, :8], 2, **kw)
+    return _decode(model, prompt, new_tokens, **kw)
+
+
+def _decode(model, prompt: torch.Tensor, new_tokens: int, **kw) -> tuple[float, float]:
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True, **kw)

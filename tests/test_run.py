@@ -44,6 +44,7 @@ def test_bad_inputs(tmp_path, model_dir, fused_adapter):
         (("--model", mixtral, "--prompt", "hello"), "no tokenizer files"),
         (("--model", mixtral, "--prompt-ids", "1,x"), "comma-separated token ids"),
         (("--model", mixtral, "--prompt-ids", "1,2", "--use", "other"), "--use 'other'"),
+        (("--model", mixtral, "--prompt-ids", "1,2", "--kt-num-gpu-experts", "2"), "GPU experts are not available"),
     ]
     for args, needle in cases:
         result = run(*args)
@@ -55,5 +56,5 @@ def test_bad_inputs(tmp_path, model_dir, fused_adapter):
 def test_seed_flags_are_checked_against_the_adapter(model_dir, fused_adapter):
     adapter_dir, _, _ = fused_adapter("qwen3_moe")
     result = run("--model", model_dir("qwen3_moe"), "--kt-moe-lora-path", adapter_dir, "--kt-moe-lora-rank", 16,
-                 "--kt-moe-sft-method", "AMXBF16_SFT", "--prompt-ids", "1,2")
+                 "--kt-method", "AMXINT4", "--prompt-ids", "1,2")
     assert result.exit_code == 2 and "--kt-moe-lora-rank 16" in result.stderr

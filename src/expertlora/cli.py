@@ -152,7 +152,7 @@ def run(
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt text (needs a tokenizer in the model directory).")] = None,
     prompt_ids: Annotated[Optional[str], typer.Option("--prompt-ids", help="Prompt as token ids: 1,2,3.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 32,
-    method: Annotated[str, typer.Option("--method", "--kt-moe-sft-method", help="Expert storage: fp32, bf16, int8 or int4 (AMXBF16_SFT / AMXINT8_SFT / AMXINT4_SFT).")] = "bf16",
+    method: Annotated[str, typer.Option("--method", "--kt-moe-sft-method", "--kt-method", help="Expert storage: fp32, bf16, int8 or int4 (AMXBF16_SFT / AMXINT8_SFT / AMXINT4_SFT).")] = "bf16",
     dtype: Annotated[str, typer.Option("--dtype", help="Non-expert layers: auto (fp32 with --method fp32, else bf16), bf16 or fp32.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", "--kt-cpuinfer", help="CPU threads for the experts (default: all cores).")] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy; above 0 samples.")] = 0.0,
@@ -162,6 +162,7 @@ def run(
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Generate all --max-new-tokens even past end-of-sequence.")] = False,
     lora_rank: Annotated[Optional[int], typer.Option("--kt-moe-lora-rank", help="Seed compatibility: must equal the adapter's rank.")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--kt-moe-lora-alpha", help="Seed compatibility: must equal the adapter's alpha.")] = None,
+    gpu_experts: Annotated[int, typer.Option("--kt-num-gpu-experts", help="Seed compatibility: GPU-resident experts; only 0 (all on the CPU) for now.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: token_ids, text, prompt_tokens, tokens_per_s, adapter.")] = False,
     progress: ProgressOpt = True,
 ):
@@ -171,6 +172,8 @@ def run(
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, via PEFT
     with _errors():
         try:
+            if gpu_experts:
+                raise ValueError(f"--kt-num-gpu-experts {gpu_experts}: GPU experts are not available yet; every expert runs on the CPU (use 0)")
             sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
             setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress)
             result = generate(setup.model, setup.prompt_ids, setup.adapter, sampling, setup.tokenizer)

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 import torch
 
 METHODS = ("fp32", "bf16", "int8", "int4")
-# The seed's kt-kernel method names.
-METHOD_ALIASES = {"AMXBF16_SFT": "bf16", "AMXINT8_SFT": "int8", "AMXINT4_SFT": "int4"}
+# The seed's kt-kernel method names (SFT, and inference for --kt-method).
+METHOD_ALIASES = {
+    "AMXBF16_SFT": "bf16", "AMXINT8_SFT": "int8", "AMXINT4_SFT": "int4",
+    "AMXBF16": "bf16", "AMXINT8": "int8", "AMXINT4": "int4",
+}
 INT4_GROUP_SIZES = (128, 64, 32)
 DEFAULT_GROUP_SIZE = 128
 
