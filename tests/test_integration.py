@@ -96,3 +96,15 @@ def test_transformers4_per_expert_adapter(family, tmp_path, model_dir):
     with torch.no_grad():
         assert rel_err(ours.model(input_ids=ids, **ours.use(["v4", "v4"])).logits, peft_model(input_ids=ids).logits) < 1e-4
         assert torch.equal(greedy(ours.model, ids, **ours.use(["v4", "v4"])), greedy(peft_model, ids))
+
+
+def test_tied_output_layer(tmp_path):
+    """A checkpoint with tied embeddings: the output layer follows the loaded embedding."""
+    from expertlora import tiny
+
+    model = tiny.tiny_model("qwen3_moe", seed=5, tie_word_embeddings=True)
+    tiny.save_checkpoint(model, tmp_path)
+    ours = load_model(tmp_path, "fp32")
+    ids = prompt(1, 5, seed=5)
+    with torch.no_grad():
+        assert rel_err(ours.model(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-5

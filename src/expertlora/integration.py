@@ -26,7 +26,8 @@ from .slots import NO_ADAPTER
 
 EXPERTS_IMPLEMENTATION = "expertlora"
 PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-# Checkpoint key renames of non-expert tensors, by model type (transformers 4 names -> 5 modules).
+# Non-expert tensors whose checkpoint name differs from the transformers 5 module, by model type:
+# (part of the checkpoint key, part of the parameter name).
 KEY_RENAMES = {"mixtral": ((".block_sparse_moe.gate.", ".mlp.gate."),)}
 
 
@@ -138,6 +139,7 @@ def load_model(
             continue
         key = _checkpoint_key(name, renames, ckpt, config)
         set_module_tensor_to_device(model, name, "cpu", value=ckpt.tensor(key).to(dtype))
+    model.tie_weights()  # loading replaced the embedding's Parameter: re-tie a tied output layer
     batch = BatchAdapters()
     for L in ckpt.config.moe_layers:
         model.get_submodule(f"model.layers.{L}.mlp.experts").expertlora = ExpertsBinding(engine, L, batch)
@@ -203,9 +205,10 @@ def _module_path(name: str) -> str:
 def _checkpoint_key(name: str, renames, ckpt: Checkpoint, config) -> str:
     if name in ckpt.files:
         return name
-    for new, old in ((new, old) for old, new in renames):
-        if new in name and name.replace(new, old) in ckpt.files:
-            return name.replace(new, old)
+    for checkpoint_part, model_part in renames:
+        candidate = name.replace(model_part, checkpoint_part)
+        if candidate in ckpt.files:
+            return candidate
     if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
         return "model.embed_tokens.weight"
     return name  # Checkpoint.tensor names the missing key
