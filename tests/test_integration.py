@@ -108,3 +108,11 @@ def test_tied_output_layer(tmp_path):
     ids = prompt(1, 5, seed=5)
     with torch.no_grad():
         assert rel_err(ours.model(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-5
+
+
+def test_mixing_is_refused_where_peft_cannot(model_dir, fused_adapter):
+    """qwen2_moe's shared expert sees [tokens, H]: PEFT's per-sequence adapter_names cannot apply."""
+    adapter_dir, _, base = fused_adapter("qwen2_moe")
+    ours = load_model(model_dir("qwen2_moe"), "fp32", adapters={"math": load_adapter(adapter_dir, base)})
+    with pytest.raises(ValueError, match=r"adapter math has LoRA on model\.layers\.\d+\.mlp\.shared_expert\..*batch of their own"):
+        ours.use(["math", None])

@@ -58,3 +58,18 @@ def test_seed_flags_are_checked_against_the_adapter(model_dir, fused_adapter):
     result = run("--model", model_dir("qwen3_moe"), "--kt-moe-lora-path", adapter_dir, "--kt-moe-lora-rank", 16,
                  "--kt-method", "AMXINT4", "--prompt-ids", "1,2")
     assert result.exit_code == 2 and "--kt-moe-lora-rank 16" in result.stderr
+
+
+def test_text_prompt_with_the_checkpoints_tokenizer(tmp_path, model_dir):
+    import shutil
+
+    from expertlora import tiny
+
+    model = shutil.copytree(model_dir("qwen3_moe"), tmp_path / "model")
+    tiny.save_tokenizer(model)
+    by_text = run("--model", model, "--prompt", "t5 t17 t33", "--max-new-tokens", 4, "--ignore-eos", "--method", "fp32", "--json")
+    by_ids = run("--model", model, "--prompt-ids", "5,17,33", "--max-new-tokens", 4, "--ignore-eos", "--method", "fp32", "--json")
+    assert by_text.exit_code == 0, by_text.output
+    text, ids = json.loads(by_text.stdout), json.loads(by_ids.stdout)
+    assert text["token_ids"] == ids["token_ids"] and text["prompt_tokens"] == 3
+    assert text["text"] == " ".join(f"t{i}" for i in text["token_ids"] if i > 1)

@@ -91,6 +91,8 @@ class LoadedModel:
         if not self.peft_adapters:
             return {}
         peft_names = [n if n in self.peft_adapters else PEFT_BASE for n in names]
+        if len(set(peft_names)) > 1:
+            self._check_mixable(set(peft_names) - {PEFT_BASE})
         lora_model = self.model.base_model
         if set(peft_names) == {PEFT_BASE}:
             lora_model.disable_adapter_layers()
@@ -100,6 +102,18 @@ class LoadedModel:
             return {"adapter_names": peft_names}
         self.model.set_adapter(peft_names[0])
         return {}
+
+
+    def _check_mixable(self, names: set[str]) -> None:
+        moe = self.checkpoint.config.moe_layers
+        for name in sorted(names):
+            for module in self.adapters[name].modules:
+                path = _module_path(module)
+                if any(path.startswith(f"model.layers.{L}.mlp.") for L in moe):
+                    raise ValueError(
+                        f"adapter {name} has LoRA on {path}, which sees the batch flattened to tokens: "
+                        "PEFT cannot mix adapters there; run its sequences in a batch of their own"
+                    )
 
 
 def load_model(

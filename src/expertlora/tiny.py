@@ -230,3 +230,17 @@ def random_expert_lora(
         use_rslora=use_rslora,
     )
     return ExpertLoRA(info, out)
+
+
+def save_tokenizer(out_dir: str | Path, vocab_size: int = 96) -> Path:
+    """A word-level tokenizer: ``<unk>`` (0, also padding), ``</s>`` (1, end of sequence), then the
+    words ``t2`` .. ``t{vocab_size - 1}``; saved beside a tiny checkpoint so prompts can be text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1} | {f"t{i}": i for i in range(2, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>", eos_token="</s>")
+    fast.save_pretrained(out_dir)
+    return Path(out_dir)
