@@ -7,9 +7,11 @@ Method: each timed call picks the next of several layers' weights (more bytes in
 --cache-mb, the CPU's L3, times four) and a fresh random routing, so decode figures are
 not served from cache; medians after warm-up. Peers run in the same process: the engine
 without adapters, with four adapters mixed in one batch, our PyTorch path (the portable
-fallback: one matmul per expert), and transformers 5 + peft ``target_parameters`` on the
-same layer. The engine's three variants take turns call by call; the read and copy bandwidth
-of this machine are measured first.
+fallback: one matmul per expert), transformers 5 + peft ``target_parameters`` on the same
+layer, and, where installed, kt-kernel's AMXBF16_SFT forward (bf16 rows: the same weights,
+LoRA and rotation, one thread fewer by default, measured after ours since its threads poll). The
+engine's variants take turns call by call; the read and copy bandwidth of this machine are
+measured first.
 """
 
 from __future__ import annotations
@@ -141,9 +143,10 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
             engine.load_adapter(f"a{i}", a)
             fallback.load_adapter(f"a{i}", a)
         dtype = torch.float32 if method == "fp32" else torch.bfloat16
+        plans = {}
         for T in tokens:
             calls = args.calls if T < 512 else max(3, args.calls // 4)
-            rts = routings(T, E, k, 3 * (calls + max(args.warmup, n_layers)), seed=T)
+            rts = routings(T, E, k, 4 * (calls + max(args.warmup, n_layers)), seed=T)  # 4 variants at most
             xs = [torch.randn(T, H, dtype=dtype) for _ in range(4)]
             one = torch.zeros(T, dtype=torch.long)
             mixed = torch.arange(T, dtype=torch.long) % 4
@@ -155,10 +158,9 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
                 return fn
 
             # warm-up covers every layer of the rotation once
-            ms = interleaved_ms(
-                {"lora": call(engine, one), "base": call(bare, None), "mixed": call(engine, mixed)},
-                calls, max(args.warmup, n_layers),
-            )
+            plans[T] = (calls, rts, xs)
+            variants = {"lora": call(engine, one), "base": call(bare, None), "mixed": call(engine, mixed)}
+            ms = interleaved_ms(variants, calls, max(args.warmup, n_layers))
             lora_ms, base_ms, mixed_ms = ms["lora"], ms["base"], ms["mixed"]
             slow_calls = max(2, calls // 4) if T >= 32 or name == "mixtral-8x7b" else calls
             torch_ms = median_ms(call(fallback, one), slow_calls, 1) if args.torch_path else float("nan")
@@ -166,11 +168,23 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
             pairs = T * k
             rows.append(dict(
                 shape=name, method=method, tokens=T, lora_ms=lora_ms, base_ms=base_ms, mixed_ms=mixed_ms,
-                torch_ms=torch_ms, gbs=moved / lora_ms / 1e6, read_pct=100 * moved / lora_ms / 1e6 / read_gbs,
+                torch_ms=torch_ms, kt_ms=float("nan"), gbs=moved / lora_ms / 1e6, read_pct=100 * moved / lora_ms / 1e6 / read_gbs,
                 gflops=2 * pairs * 3 * H * I / lora_ms / 1e6,
             ))
             print(_line(rows[-1]), flush=True)
-        del bare, engine, fallback, layers, shared
+        del bare, engine, fallback
+        # kt-kernel afterwards, alone: its worker threads poll, and would slow ours if interleaved.
+        kts = kt_wrappers(layers, adapters[0].layers[0], k, args.kt_threads, max(tokens)) if args.kt and method == "bf16" else None
+        for row in (r for r in rows if kts and r["shape"] == name and r["method"] == method):
+            calls, rts, xs = plans[row["tokens"]]
+
+            def kt_call(i):
+                ids, w = rts[i]
+                kts[i % n_layers].forward(xs[i % 4], ids, w, save_for_backward=False)
+
+            row["kt_ms"] = median_ms(kt_call, calls, max(args.warmup, n_layers))
+            print(f"[{name} {method}] kt-kernel AMXBF16_SFT + LoRA T={row['tokens']}: {row['kt_ms']:.2f} ms", flush=True)
+        del layers, shared, kts
     if args.peft:
         for T in tokens:
             for dtype in (torch.bfloat16,):
@@ -188,6 +202,34 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
     return rows
 
 
+def kt_wrappers(layers: dict, lora, k: int, threads: int | None, max_tokens: int):
+    """kt-kernel's AMXBF16_SFT on the same bf16 weights and LoRA (the first adapter), one wrapper
+    per layer of the rotation; None where kt-kernel is not installed."""
+    try:
+        from kt_kernel import KTMoEWrapper
+        from kt_kernel.sft.base import KExpertsSFTBuffer
+    except ImportError:
+        return None
+    # kt-kernel 0.7.2 shares one input buffer among all wrappers, sized by token count only:
+    # a second shape in the same process would reuse the first one's (wrong top-k width).
+    KExpertsSFTBuffer._shared_buffer = None
+    out = []
+    for L, w in layers.items():
+        E, H, I = w.num_experts, w.hidden_size, w.intermediate_size
+        kt = KTMoEWrapper(
+            layer_idx=L, num_experts=E, num_experts_per_tok=k, hidden_size=H, moe_intermediate_size=I,
+            gpu_experts_mask=None, cpuinfer_threads=threads, threadpool_count=1, weight_path="",
+            chunked_prefill_size=max_tokens, method="AMXBF16_SFT", mode="sft", lora_rank=RANK, lora_alpha=ALPHA,
+            max_cache_depth=1,
+        )
+        gate_up = w.gate_up.data
+        kt.load_weights_from_tensors(gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous(), w.down.data, torch.arange(E))
+        ab = [t.to(torch.bfloat16).contiguous() for p in (lora.gate, lora.up, lora.down) for t in (p.a, p.b)]
+        kt.init_lora_weights(*ab, *[torch.zeros_like(t) for t in ab])
+        out.append(kt)
+    return out
+
+
 def _copy(w: ExpertWeights) -> ExpertWeights:
     def stack(q):
         return type(q)(q.method, q.data.clone(), q.scale.clone(), q.group_size)
@@ -199,19 +241,20 @@ def _line(r: dict) -> str:
     return (
         f"{r['shape']:17s} {r['method']:5s} T={r['tokens']:4d}  LoRA {r['lora_ms']:8.2f} ms  base {r['base_ms']:8.2f} ms  "
         f"x{r['lora_ms'] / r['base_ms']:.2f}  mixed4 x{r['mixed_ms'] / r['lora_ms']:.2f}  torch-path {r['torch_ms']:8.2f} ms  "
+        f"kt {r['kt_ms']:8.2f} ms  "
         f"{r['gbs']:6.1f} GB/s ({r['read_pct']:.0f}% read)  {r['gflops']:7.1f} GFLOP/s"
     )
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    out = [header, "", "| shape | method | tokens | ours + LoRA ms | ours no LoRA ms | LoRA / no LoRA | 4 adapters mixed / 1 | GB/s (% of read) | GFLOP/s | PyTorch path ms | PEFT bf16 ms | PEFT / ours |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [header, "", "| shape | method | tokens | ours + LoRA ms | ours no LoRA ms | LoRA / no LoRA | 4 adapters mixed / 1 | GB/s (% of read) | GFLOP/s | PyTorch path ms | PEFT bf16 ms | PEFT / ours | kt-kernel + LoRA ms | ours / kt |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peft = r.get("peft_ms", float("nan"))
         out.append(
             f"| {r['shape']} | {r['method']} | {r['tokens']} | {r['lora_ms']:.2f} | {r['base_ms']:.2f} | {r['lora_ms'] / r['base_ms']:.2f} | "
             f"{r['mixed_ms'] / r['lora_ms']:.2f} | {r['gbs']:.1f} ({r['read_pct']:.0f}%) | {r['gflops']:.0f} | {r['torch_ms']:.1f} | "
-            f"{peft:.0f} | {peft / r['lora_ms']:.0f}x |"
+            f"{peft:.0f} | {peft / r['lora_ms']:.0f}x | {r['kt_ms']:.2f} | {r['lora_ms'] / r['kt_ms']:.2f} |"
         )
     return "\n".join(out) + "\n"
 
@@ -227,9 +270,12 @@ def main():
     p.add_argument("--cache-mb", type=int, default=300, help="the CPU's L3 in MiB (the rotation covers 4x)")
     p.add_argument("--no-peft", dest="peft", action="store_false")
     p.add_argument("--no-torch-path", dest="torch_path", action="store_false")
+    p.add_argument("--no-kt", dest="kt", action="store_false", help="skip kt-kernel's AMXBF16_SFT (bf16 rows, where installed)")
+    p.add_argument("--kt-threads", type=int, default=None, help="kt-kernel's threads (default: ours minus one: it runs far slower on every core)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count())
+    args.kt_threads = args.kt_threads or max(1, (args.threads or os.cpu_count()) - 1)
     read_gbs, copy_gbs = bandwidth(args.cache_mb)
     cpu = _cpu_name()
     print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}: read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s", flush=True)
