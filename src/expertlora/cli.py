@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -162,6 +163,7 @@ def run(
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Generate all --max-new-tokens even past end-of-sequence.")] = False,
     lora_rank: Annotated[Optional[int], typer.Option("--kt-moe-lora-rank", help="Seed compatibility: must equal the adapter's rank.")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--kt-moe-lora-alpha", help="Seed compatibility: must equal the adapter's alpha.")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="cpu (ours: any method, mixed adapters per batch) or kt (kt-kernel's SFT MoE, installed separately: bf16 / int4, one adapter per batch).")] = "cpu",
     gpu_experts: Annotated[int, typer.Option("--kt-num-gpu-experts", help="Seed compatibility: GPU-resident experts; only 0 (all on the CPU) for now.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: token_ids, text, prompt_tokens, tokens_per_s, adapter.")] = False,
     progress: ProgressOpt = True,
@@ -170,24 +172,36 @@ def run(
     from .run import Sampling, generate, load_setup
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, via PEFT
+    out = _stdout_for_results() if backend == "kt" else sys.stdout
     with _errors():
         try:
             if gpu_experts:
                 raise ValueError(f"--kt-num-gpu-experts {gpu_experts}: GPU experts are not available yet; every expert runs on the CPU (use 0)")
             sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
-            setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress)
+            setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress, backend)
             result = generate(setup.model, setup.prompt_ids, setup.adapter, sampling, setup.tokenizer)
         except ValueError as e:  # AdapterError included: bad input, one line
             err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     if as_json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps(result.to_json()), file=out, flush=True)
         return
-    console.print(result.text if result.text is not None else " ".join(map(str, result.token_ids)), markup=False, highlight=False)
-    console.print(
+    shown = Console(file=out)
+    shown.print(result.text if result.text is not None else " ".join(map(str, result.token_ids)), markup=False, highlight=False)
+    shown.print(
         f"[dim]{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, adapter {result.adapter or 'none'}, "
-        f"method {setup.method}[/dim]"
+        f"method {setup.method}, backend {backend}[/dim]"
     )
+    out.flush()
+
+
+def _stdout_for_results():
+    """kt-kernel's C++ code prints on file descriptor 1: send that to stderr for the rest of the
+    process, and return a file on the real stdout, which carries only the result."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(real, "w")
 
 
 def main() -> None:

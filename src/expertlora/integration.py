@@ -124,13 +124,15 @@ def load_model(
     threads: int | None = None,
     group_size: int | None = None,
     progress: Callable | None = None,
+    backend: str = "cpu",
 ) -> LoadedModel:
     """Build the model of ``model_dir`` with its experts in ``method`` on our engine.
 
     ``dtype`` is that of the non-expert layers: float32 with ``fp32``, else bfloat16 unless
     given. ``group_size`` (int4): by default the largest of 128 / 64 / 32 that divides the
     hidden and intermediate sizes. ``progress(iterable, description)`` wraps the per-layer
-    loading (a rich bar in the CLI).
+    loading (a rich bar in the CLI). ``backend``: ``cpu`` (ours) or ``kt`` (kt-kernel's SFT
+    MoE: bf16 or int4, one adapter per batch).
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -140,9 +142,7 @@ def load_model(
     ckpt = Checkpoint(model_dir)
     dtype = dtype or (torch.float32 if method == "fp32" else torch.bfloat16)
     wrap = progress or (lambda items, _description: items)
-    group_size = group_size or _int4_group(ckpt.config.hidden_size, ckpt.config.intermediate_size)
-    layers = {L: ckpt.experts(L, method, group_size) for L in wrap(ckpt.config.moe_layers, "experts")}
-    engine = MoELoRAEngine(layers, threads=threads)
+    engine = _engine(ckpt, method, backend, threads, group_size, wrap)
 
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
@@ -164,6 +164,20 @@ def load_model(
     for name, adapter in (adapters or {}).items():
         add_adapter(loaded, name, adapter)
     return loaded
+
+
+def _engine(ckpt: Checkpoint, method: str, backend: str, threads, group_size, wrap):
+    if backend == "kt":
+        from .kt_backend import KtMoEEngine, kt_method
+
+        kt = kt_method(method)  # checked before the weights are read
+        layers = {L: ckpt.experts(L, "bf16") for L in wrap(ckpt.config.moe_layers, "experts")}
+        return KtMoEEngine(layers, kt, threads=threads)
+    if backend != "cpu":
+        raise ValueError(f"unknown backend {backend!r}: expected cpu or kt")
+    group_size = group_size or _int4_group(ckpt.config.hidden_size, ckpt.config.intermediate_size)
+    layers = {L: ckpt.experts(L, method, group_size) for L in wrap(ckpt.config.moe_layers, "experts")}
+    return MoELoRAEngine(layers, threads=threads)
 
 
 def add_adapter(loaded: LoadedModel, name: str, adapter: ExpertLoRA) -> None:

@@ -109,6 +109,7 @@ def load_setup(
     lora_rank: int | None = None,
     lora_alpha: float | None = None,
     progress: bool = True,
+    backend: str = "cpu",
 ) -> Setup:
     """Check every option, then load the adapters and the model (with a progress bar)."""
     from .formats import load_adapter
@@ -117,6 +118,10 @@ def load_setup(
     from .quantize import resolve_method
 
     method = resolve_method(method)
+    if backend == "kt":
+        from .kt_backend import kt_method
+
+        kt_method(method)
     dtypes = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
     if dtype not in dtypes:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(dtypes)}")
@@ -135,7 +140,7 @@ def load_setup(
     for name, adapter in adapters.items():
         _check_seed_flags(name, adapter, lora_rank, lora_alpha)
     bar = _rich_progress if progress else None
-    lm = load_model(model_dir, method, dtypes[dtype], adapters, threads=threads, progress=bar)
+    lm = load_model(model_dir, method, dtypes[dtype], adapters, threads=threads, progress=bar, backend=backend)
     return Setup(lm, method, ids, chosen, tokenizer)
 
 

@@ -1,0 +1,167 @@
+"""The ``kt`` backend: kt-kernel's SFT MoE (the seed's AMXBF16_SFT / AMXINT4_SFT) behind the
+engine's API, for AMX servers and for measuring our cpu backend against it.
+
+kt-kernel (``pip install --no-deps kt-kernel``; it imports ``gguf``) holds one LoRA per layer
+with one rank and scaling alpha / r for gate, up and down alike. Any canonical adapter fits
+that: each projection is zero-padded to the layer's largest rank and its own scaling is folded
+into B (kt's alpha is set equal to its rank, so its scaling is 1). What it cannot do is mix
+adapters in one batch: a batch runs one adapter, or none, and switching copies the LoRA in
+place (then ``update_lora_weights``, as kt-kernel requires).
+
+Shape legend: E = experts, H = hidden, I = intermediate, r = the layer's kt rank.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .experts import ExpertWeights
+from .lora import ExpertLoRA, LayerLoRA, ProjLoRA
+from .slots import NO_ADAPTER, AdapterSlots
+
+KT_METHODS = ("AMXBF16_SFT", "AMXINT4_SFT")  # the ones kt-kernel loads from tensors
+MAX_TOKENS = 4096  # kt-kernel's chunked_prefill_size: longer batches run in chunks
+
+
+class KtUnavailable(ValueError):
+    pass
+
+
+def kt_method(method: str) -> str:
+    """Our method name -> kt-kernel's SFT method; what kt cannot load from tensors is refused."""
+    kt = {"bf16": "AMXBF16_SFT", "int4": "AMXINT4_SFT"}.get(method)
+    if kt is None:
+        raise KtUnavailable(
+            f"the kt backend runs bf16 (AMXBF16_SFT) or int4 (AMXINT4_SFT), not {method}: kt-kernel's INT8 SFT "
+            "reads only its own pre-converted .kt files; use the cpu backend for fp32 and int8"
+        )
+    return kt
+
+
+class KtMoEEngine:
+    """kt-kernel's SFT forward per MoE layer, with the slots and forward of MoELoRAEngine."""
+
+    def __init__(self, layers: dict[int, ExpertWeights], kt_method: str = "AMXBF16_SFT", threads: int | None = None):
+        try:
+            from kt_kernel import KTMoEWrapper  # noqa: F401
+        except ImportError as e:
+            raise KtUnavailable(
+                f"--backend kt needs kt-kernel ({e.name} is missing): pip install --no-deps kt-kernel gguf; "
+                "or use the cpu backend"
+            ) from None
+        if kt_method not in KT_METHODS:
+            raise KtUnavailable(
+                f"kt backend: method {kt_method} cannot load from tensors here (expected one of {', '.join(KT_METHODS)}; "
+                "INT8 SFT wants kt-kernel's own .kt files); or use the cpu backend"
+            )
+        first = next(iter(layers.values()))
+        if first.method != "bf16":
+            raise KtUnavailable(f"kt backend: give it bf16 expert weights (kt-kernel quantizes them itself), not {first.method}")
+        self.layers = layers
+        self.kt_method = kt_method
+        self.method = first.method
+        # kt-kernel on every core runs many times slower than with one core left free.
+        self.threads = threads or max(1, (os.cpu_count() or 2) - 1)
+        self.slots = AdapterSlots(first.num_experts, first.hidden_size, first.intermediate_size, torch.bfloat16)
+        self._adapters: dict[int, ExpertLoRA] = {}
+        self._wrappers: dict[int, _KtLayer] = {}
+
+    kernel = "kt"
+
+    def load_adapter(self, name: str, adapter: ExpertLoRA) -> int:
+        slot = self.slots.load(name, adapter)
+        self._adapters[slot] = adapter
+        return slot
+
+    def unload_adapter(self, name: str) -> None:
+        slot = self.slots.index(name)
+        self.slots.unload(name)
+        del self._adapters[slot]
+        for wrapper in self._wrappers.values():
+            if wrapper.active == slot:
+                wrapper.active = None
+
+    def slot(self, name: str | None) -> int:
+        return self.slots.index(name)
+
+    def token_slots(self, names: list[str | None]) -> torch.Tensor:
+        return torch.tensor([self.slots.index(n) for n in names], dtype=torch.int64)
+
+    def forward(self, layer, x, topk_ids, topk_weights, token_slots=None) -> torch.Tensor:
+        slot = NO_ADAPTER
+        if token_slots is not None and token_slots.numel():
+            used = token_slots.unique().tolist()
+            if len(used) > 1:
+                raise ValueError("the kt backend runs one adapter per batch (kt-kernel holds one LoRA); use the cpu backend for mixed batches")
+            slot = used[0]
+            if slot != NO_ADAPTER and slot not in self._adapters:
+                raise ValueError(f"token_slots: slot {slot} holds no adapter")
+        wrapper = self._layer(layer, topk_ids.shape[1])
+        wrapper.activate(slot, self._adapters.get(slot))
+        _fit_shared_buffer(x.shape[1], topk_ids.shape[1])
+        out = [wrapper.kt.forward(x[i : i + MAX_TOKENS].to(torch.bfloat16).contiguous(),
+                                  topk_ids[i : i + MAX_TOKENS].to(torch.int64).contiguous(),
+                                  topk_weights[i : i + MAX_TOKENS].float().contiguous(), save_for_backward=False)
+               for i in range(0, x.shape[0], MAX_TOKENS)]
+        return (torch.cat(out) if out else x.new_zeros(0, x.shape[1])).to(x.dtype)
+
+    def _layer(self, layer: int, k: int) -> _KtLayer:
+        """This layer's wrapper, (re)built when an adapter needs a larger rank or k changes."""
+        rank = max([1] + [_rank(a.layers.get(layer)) for a in self._adapters.values()])
+        wrapper = self._wrappers.get(layer)
+        if wrapper is None or wrapper.rank < rank or wrapper.k != k:
+            self._wrappers[layer] = wrapper = _KtLayer(self.layers[layer], layer, rank, k, self.kt_method, self.threads)
+        return wrapper
+
+
+def _fit_shared_buffer(hidden: int, k: int) -> None:
+    """kt-kernel 0.7.2 keeps one input buffer for all its wrappers, grown by token count only:
+    drop it when it was made for another shape (another model or top-k in this process)."""
+    from kt_kernel.sft.base import KExpertsSFTBuffer
+
+    buf = KExpertsSFTBuffer._shared_buffer
+    if buf is not None and (buf.hidden_size, buf.num_experts_per_tok) != (hidden, k):
+        KExpertsSFTBuffer._shared_buffer = None
+
+
+def _rank(lora: LayerLoRA | None) -> int:
+    return max((p.spec.rank for p in lora.projections().values()), default=0) if lora else 0
+
+
+class _KtLayer:
+    """One kt-kernel SFT wrapper and the LoRA tensors it points at (changed in place)."""
+
+    def __init__(self, weights: ExpertWeights, layer: int, rank: int, k: int, kt_method: str, threads: int):
+        from kt_kernel import KTMoEWrapper
+
+        E, H, I = weights.num_experts, weights.hidden_size, weights.intermediate_size
+        self.rank, self.k, self.active = rank, k, None
+        self.kt = KTMoEWrapper(
+            layer_idx=layer, num_experts=E, num_experts_per_tok=k, hidden_size=H, moe_intermediate_size=I,
+            gpu_experts_mask=None, cpuinfer_threads=threads, threadpool_count=1, weight_path="",
+            chunked_prefill_size=MAX_TOKENS, method=kt_method, mode="sft", lora_rank=rank, lora_alpha=float(rank),
+            max_cache_depth=1,
+        )
+        gate_up = weights.gate_up.data
+        self.kt.load_weights_from_tensors(gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous(), weights.down.data, torch.arange(E))
+        shapes = {"gate": ((E, rank, H), (E, I, rank)), "up": ((E, rank, H), (E, I, rank)), "down": ((E, rank, I), (E, H, rank))}
+        self.lora = {p: (torch.zeros(a, dtype=torch.bfloat16), torch.zeros(b, dtype=torch.bfloat16)) for p, (a, b) in shapes.items()}
+        tensors = [t for p in ("gate", "up", "down") for t in self.lora[p]]
+        self.kt.init_lora_weights(*tensors, *[torch.zeros_like(t) for t in tensors])
+
+    def activate(self, slot: int, adapter: ExpertLoRA | None) -> None:
+        if slot == self.active:
+            return
+        lora = adapter.layers.get(self.kt.layer_idx) if adapter else None
+        for p, (a, b) in self.lora.items():
+            proj: ProjLoRA | None = getattr(lora, p) if lora else None
+            a.zero_()
+            b.zero_()
+            if proj is not None:
+                r = proj.spec.rank
+                a[:, :r] = proj.a.to(torch.bfloat16)
+                b[:, :, :r] = (proj.b.float() * proj.spec.scaling).to(torch.bfloat16)
+        self.kt.update_lora_weights()
+        self.active = slot
