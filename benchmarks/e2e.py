@@ -106,8 +106,8 @@ def main():
         for method in args.methods.split(","):
             lm = load_model(work / "model", method, adapters={"lora": adapter}, threads=threads)
             for name in (None, "lora"):
-                kw = lm.use([name])
-                rows.append((f"expertlora {'+ adapter' if name else 'no adapter'}", method, *speeds(lm.model, prompt, args.new_tokens, **kw)))
+                lm.use([name])
+                rows.append((f"expertlora {'+ adapter' if name else 'no adapter'}", method, *speeds(lm.model, prompt, args.new_tokens)))
                 print(rows[-1], flush=True)
             del lm
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU")

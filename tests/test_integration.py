@@ -29,18 +29,19 @@ def test_fp32_matches_peft(family, model_dir, fused_adapter):
     ours = load_model(model_dir(family), "fp32", adapters={"math": load_adapter(adapter_dir, base)})
     ids = prompt(2, 7)
     with torch.no_grad():
-        kw = ours.use(["math", "math"])
-        assert rel_err(ours.model(input_ids=ids, **kw).logits, peft_model(input_ids=ids).logits) < 1e-4
-        assert torch.equal(greedy(ours.model, ids, **ours.use(["math", "math"])), greedy(peft_model, ids))
+        ours.use(["math", "math"])
+        assert rel_err(ours.model(input_ids=ids).logits, peft_model(input_ids=ids).logits) < 1e-4
+        assert torch.equal(greedy(ours.model, ids), greedy(peft_model, ids))
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])  # qwen2_moe's shared-expert LoRA: see LoadedModel.use
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "deepseek_v3"])  # qwen2_moe: LoRA on its shared expert
 def test_mixed_batch_picks_each_sequences_adapter(family, model_dir, fused_adapter):
     adapter_dir, peft_model, base = fused_adapter(family)
     ours = load_model(model_dir(family), "fp32", adapters={"math": load_adapter(adapter_dir, base)})
     ids = prompt(3, 5, seed=1)
     with torch.no_grad():
-        logits = ours.model(input_ids=ids, **ours.use(["math", None, "math"])).logits
+        ours.use(["math", None, "math"])
+        logits = ours.model(input_ids=ids).logits
         with_lora = peft_model(input_ids=ids).logits
         with peft_model.disable_adapter():
             without = peft_model(input_ids=ids).logits
@@ -56,7 +57,8 @@ def test_quantized_methods_stay_close(method, model_dir, fused_adapter):
     ours = load_model(model_dir("qwen3_moe"), method, adapters={"math": load_adapter(adapter_dir, base)})
     ids = prompt(2, 7, seed=2)
     with torch.no_grad():
-        logits = ours.model(input_ids=ids, **ours.use(["math", "math"])).logits.float()
+        ours.use(["math", "math"])
+        logits = ours.model(input_ids=ids).logits.float()
         ref = peft_model(input_ids=ids).logits
     assert rel_err(logits, ref) < {"bf16": 5e-2, "int8": 5e-2, "int4": 0.15}[method]
 
@@ -67,8 +69,10 @@ def test_one_adapter_or_none_for_the_whole_batch(model_dir, fused_adapter):
     ours = load_model(model_dir("qwen2_moe"), "fp32", adapters={"math": load_adapter(adapter_dir, base)})
     ids = prompt(2, 6, seed=3)
     with torch.no_grad():
-        lora = ours.model(input_ids=ids, **ours.use(["math", "math"])).logits
-        none = ours.model(input_ids=ids, **ours.use([None, None])).logits
+        ours.use(["math", "math"])
+        lora = ours.model(input_ids=ids).logits
+        ours.use([None, None])
+        none = ours.model(input_ids=ids).logits
         with peft_model.disable_adapter():
             without = peft_model(input_ids=ids).logits
         assert rel_err(lora, peft_model(input_ids=ids).logits) < 1e-4
@@ -94,8 +98,9 @@ def test_transformers4_per_expert_adapter(family, tmp_path, model_dir):
     ours = load_model(model_dir(family), "fp32", adapters={"v4": load_adapter(src, base)})
     ids = prompt(2, 6, seed=4)
     with torch.no_grad():
-        assert rel_err(ours.model(input_ids=ids, **ours.use(["v4", "v4"])).logits, peft_model(input_ids=ids).logits) < 1e-4
-        assert torch.equal(greedy(ours.model, ids, **ours.use(["v4", "v4"])), greedy(peft_model, ids))
+        ours.use(["v4", "v4"])
+        assert rel_err(ours.model(input_ids=ids).logits, peft_model(input_ids=ids).logits) < 1e-4
+        assert torch.equal(greedy(ours.model, ids), greedy(peft_model, ids))
 
 
 def test_tied_output_layer(tmp_path):
@@ -110,9 +115,36 @@ def test_tied_output_layer(tmp_path):
         assert rel_err(ours.model(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-5
 
 
-def test_mixing_is_refused_where_peft_cannot(model_dir, fused_adapter):
-    """qwen2_moe's shared expert sees [tokens, H]: PEFT's per-sequence adapter_names cannot apply."""
-    adapter_dir, _, base = fused_adapter("qwen2_moe")
-    ours = load_model(model_dir("qwen2_moe"), "fp32", adapters={"math": load_adapter(adapter_dir, base)})
-    with pytest.raises(ValueError, match=r"adapter math has LoRA on model\.layers\.\d+\.mlp\.shared_expert\..*batch of their own"):
-        ours.use(["math", None])
+
+def test_two_adapters_and_none_in_one_batch_then_unload(tmp_path, model_dir, fused_adapter):
+    """qwen2_moe: a fused adapter with shared-expert and attention LoRA, a v4 per-expert adapter
+    and no adapter, one sequence each, in one forward; then one is unloaded."""
+    from peft import PeftModel
+
+    from expertlora import tiny
+    from expertlora.convert import export
+    from expertlora.integration import remove_adapter
+
+    adapter_dir, peft_math, base = fused_adapter("qwen2_moe")
+    v4 = tiny.write_per_expert_adapter(
+        tmp_path / "v4", num_layers=list(base.moe_layers), num_experts=base.num_experts, hidden_size=base.hidden_size,
+        intermediate_size=base.intermediate_size, r=2, alpha=3.0, seed=9,
+    )
+    export(v4, tmp_path / "v4_fused", layout="fused", base=base, progress=False)
+    peft_v4 = PeftModel.from_pretrained(tiny.tiny_model("qwen2_moe", seed=0), str(tmp_path / "v4_fused")).eval()
+    ours = load_model(model_dir("qwen2_moe"), "fp32", adapters={"math": load_adapter(adapter_dir, base), "v4": load_adapter(v4, base)})
+    ids = prompt(3, 6, seed=6)
+    with torch.no_grad():
+        ours.use(["math", "v4", None])
+        logits = ours.model(input_ids=ids).logits
+        with peft_math.disable_adapter():
+            plain = peft_math(input_ids=ids).logits
+        assert rel_err(logits[0], peft_math(input_ids=ids).logits[0]) < 1e-4
+        assert rel_err(logits[1], peft_v4(input_ids=ids).logits[1]) < 1e-4
+        assert rel_err(logits[2], plain[2]) < 1e-4
+        remove_adapter(ours, "math")
+        ours.use([None, "v4", None])
+        again = ours.model(input_ids=ids).logits
+    assert torch.equal(again[1], logits[1]) and rel_err(again[0], plain[0]) < 1e-4
+    with pytest.raises(KeyError, match="no adapter named 'math'"):
+        ours.use(["math", None, None])

@@ -4,10 +4,12 @@ An experts implementation named ``expertlora`` is registered in
 ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` and selected on the model, so the
 model's own router calls ``MoELoRAEngine.forward`` for every MoE layer. The model is built with
 empty (meta) experts: the checkpoint's experts are read once, into engine storage, and the rest
-of the checkpoint loads as usual. Non-expert LoRA (attention, shared experts, dense MLP) is
-applied by PEFT, whose mixed-batch inference (``adapter_names``) picks each sequence's adapter.
+of the checkpoint loads as usual. Non-expert LoRA (attention, shared experts, dense MLP) runs in
+TokenLoRALinear, a swap for each targeted linear layer that adds each token's own adapter, so
+one batch mixes adapters everywhere: PEFT's mixed batches (``adapter_names``) need every LoRA
+layer to see [batch, ...] inputs, which a shared expert (fed [tokens, H]) does not.
 
-Needs the ``hf`` extra (transformers, peft; peft brings accelerate).
+Needs the ``hf`` extra (transformers; accelerate, which peft brings, builds the empty model).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import torch
 
 from .checkpoint import Checkpoint
 from .engine import MoELoRAEngine
+from .errors import AdapterError
 from .lora import ExpertLoRA
 from .quantize import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES
 from .slots import NO_ADAPTER
 
 EXPERTS_IMPLEMENTATION = "expertlora"
-PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 # Non-expert tensors whose checkpoint name differs from the transformers 5 module, by model type:
 # (part of the checkpoint key, part of the parameter name).
 KEY_RENAMES = {"mixtral": ((".block_sparse_moe.gate.", ".mlp.gate."),)}
@@ -38,13 +40,36 @@ class BatchAdapters:
     seq_slots: torch.Tensor | None = None  # [B], NO_ADAPTER for none
 
     def token_slots(self, num_tokens: int) -> torch.Tensor | None:
-        """Per-token slots for the experts' flattened [B * S, H] input."""
+        """Per-token slots for the B * S tokens of the batch in flattened (sequence-major) order;
+        None when no sequence has an adapter."""
         if self.seq_slots is None or bool((self.seq_slots == NO_ADAPTER).all()):
             return None
         B = self.seq_slots.shape[0]
         if num_tokens % B:
             raise ValueError(f"{num_tokens} tokens do not split into {B} sequences")
         return self.seq_slots.repeat_interleave(num_tokens // B)
+
+
+class TokenLoRALinear(torch.nn.Module):
+    """A linear layer of the model plus per-token LoRA: each token adds its own adapter's
+    s·(x·Aᵀ)·Bᵀ; tokens without one get exactly the base layer's output."""
+
+    def __init__(self, base: torch.nn.Linear, batch: BatchAdapters):
+        super().__init__()
+        self.base, self.batch = base, batch
+        self.loras: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [r, in], s·B [out, r]), fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        slots = self.batch.token_slots(x[..., 0].numel()) if self.loras else None
+        if slots is None:
+            return y
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])  # [N, in], [N, out]
+        for slot, (a, b) in self.loras.items():
+            rows = (slots == slot).nonzero().squeeze(1)
+            if rows.numel():
+                y2.index_add_(0, rows, ((x2[rows].float() @ a.T) @ b.T).to(y.dtype))
+        return y
 
 
 @dataclass
@@ -73,47 +98,15 @@ def register() -> None:
 class LoadedModel:
     """A transformers model whose MoE layers run on our engine, with its adapters."""
 
-    model: torch.nn.Module  # the transformers model, or a PeftModel around it
+    model: torch.nn.Module  # the transformers model
     engine: MoELoRAEngine
     batch: BatchAdapters
     checkpoint: Checkpoint
     adapters: dict[str, ExpertLoRA] = field(default_factory=dict)
-    peft_adapters: set[str] = field(default_factory=set)  # those with non-expert LoRA
 
-    def use(self, names: list[str | None]) -> dict:
-        """Select each sequence's adapter for the next forward / generate; returns the extra
-        keyword arguments PEFT needs (``adapter_names``), if any.
-
-        One adapter for the whole batch is set on PEFT directly. A mixed batch goes through
-        PEFT's ``adapter_names``, which needs every LoRA module to see [batch, ...] inputs:
-        LoRA on a shared expert (its input is flattened to tokens) cannot be mixed that way."""
+    def use(self, names: list[str | None]) -> None:
+        """Select each sequence's adapter (a name, or None) for the next forward / generate."""
         self.batch.seq_slots = self.engine.token_slots(names)
-        if not self.peft_adapters:
-            return {}
-        peft_names = [n if n in self.peft_adapters else PEFT_BASE for n in names]
-        if len(set(peft_names)) > 1:
-            self._check_mixable(set(peft_names) - {PEFT_BASE})
-        lora_model = self.model.base_model
-        if set(peft_names) == {PEFT_BASE}:
-            lora_model.disable_adapter_layers()
-            return {}
-        lora_model.enable_adapter_layers()
-        if len(set(peft_names)) > 1:
-            return {"adapter_names": peft_names}
-        self.model.set_adapter(peft_names[0])
-        return {}
-
-
-    def _check_mixable(self, names: set[str]) -> None:
-        moe = self.checkpoint.config.moe_layers
-        for name in sorted(names):
-            for module in self.adapters[name].modules:
-                path = _module_path(module)
-                if any(path.startswith(f"model.layers.{L}.mlp.") for L in moe):
-                    raise ValueError(
-                        f"adapter {name} has LoRA on {path}, which sees the batch flattened to tokens: "
-                        "PEFT cannot mix adapters there; run its sequences in a batch of their own"
-                    )
 
 
 def load_model(
@@ -181,44 +174,36 @@ def _engine(ckpt: Checkpoint, method: str, backend: str, threads, group_size, wr
 
 
 def add_adapter(loaded: LoadedModel, name: str, adapter: ExpertLoRA) -> None:
-    """Expert LoRA into an engine slot; non-expert LoRA into PEFT under the same name."""
+    """Expert LoRA into an engine slot; non-expert LoRA into TokenLoRALinear swaps, same slot."""
     from .validate import check_against_base
 
     check_against_base(adapter.info, loaded.checkpoint.config)
-    loaded.engine.load_adapter(name, adapter)
+    for module_name, lora in adapter.modules.items():
+        module = loaded.model.get_submodule(_module_path(module_name))
+        base = module.base if isinstance(module, TokenLoRALinear) else module
+        if not isinstance(base, torch.nn.Linear) or tuple(base.weight.shape) != (lora.b.shape[0], lora.a.shape[1]):
+            raise AdapterError(adapter.info.path, module_name, f"a LoRA for a linear layer of {tuple(base.weight.shape)}",
+                               f"A {tuple(lora.a.shape)}, B {tuple(lora.b.shape)}")
+    slot = loaded.engine.load_adapter(name, adapter)
     loaded.adapters[name] = adapter
-    if adapter.modules:
-        loaded.model = _add_peft_adapter(loaded.model, name, adapter)
-        loaded.peft_adapters.add(name)
+    for module_name, lora in adapter.modules.items():
+        path = _module_path(module_name)
+        module = loaded.model.get_submodule(path)
+        if not isinstance(module, TokenLoRALinear):
+            parent, _, child = path.rpartition(".")
+            module = TokenLoRALinear(module, loaded.batch)
+            setattr(loaded.model.get_submodule(parent), child, module)
+        module.loras[slot] = (lora.a.float(), lora.b.float() * lora.spec.scaling)
 
 
-def _add_peft_adapter(model, name: str, adapter: ExpertLoRA):
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    mods = adapter.modules
-    first = next(iter(mods.values()))
-    config = LoraConfig(
-        r=first.spec.rank,
-        lora_alpha=first.spec.alpha,
-        target_modules=[_module_path(m) for m in mods],
-        rank_pattern={_module_path(m): lora.spec.rank for m, lora in mods.items()},
-        alpha_pattern={_module_path(m): lora.spec.alpha for m, lora in mods.items()},
-        use_rslora=adapter.info.use_rslora,
-    )
-    if isinstance(model, PeftModel):
-        model.add_adapter(name, config)
-    else:
-        model = get_peft_model(model, config, adapter_name=name)
-    inner = model.base_model.model
-    dtype = next(p for p in inner.parameters() if p.device.type != "meta").dtype
-    with torch.no_grad():
-        for module_name, lora in mods.items():
-            layer = inner.get_submodule(_module_path(module_name))
-            layer.lora_A[name].weight.copy_(lora.a.to(dtype))
-            layer.lora_B[name].weight.copy_(lora.b.to(dtype))
-            layer.scaling[name] = lora.spec.scaling
-    model.eval()
-    return model
+def remove_adapter(loaded: LoadedModel, name: str) -> None:
+    """Unload ``name`` from the engine and from every TokenLoRALinear; others keep their slots."""
+    slot = loaded.engine.slot(name)
+    loaded.engine.unload_adapter(name)
+    for module in loaded.model.modules():
+        if isinstance(module, TokenLoRALinear):
+            module.loras.pop(slot, None)
+    del loaded.adapters[name]
 
 
 def _int4_group(hidden: int, intermediate: int) -> int:

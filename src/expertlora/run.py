@@ -54,7 +54,8 @@ def load_tokenizer(model_dir: str | Path):
 def generate(lm: LoadedModel, prompt_ids: list[int], adapter: str | None, sampling: Sampling, tokenizer=None) -> Generation:
     """One prompt through the model with ``adapter`` (None: the base model)."""
     ids = torch.tensor([prompt_ids], dtype=torch.long)
-    kwargs = lm.use([adapter])
+    lm.use([adapter])
+    kwargs: dict = {}
     if sampling.temperature > 0:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
