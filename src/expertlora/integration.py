@@ -9,7 +9,7 @@ TokenLoRALinear, a swap for each targeted linear layer that adds each token's ow
 one batch mixes adapters everywhere: PEFT's mixed batches (``adapter_names``) need every LoRA
 layer to see [batch, ...] inputs, which a shared expert (fed [tokens, H]) does not.
 
-Needs the ``hf`` extra (transformers; accelerate, which peft brings, builds the empty model).
+Needs the ``hf`` extra (transformers, and accelerate to build the model with empty experts).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ KEY_RENAMES = {"mixtral": ((".block_sparse_moe.gate.", ".mlp.gate."),)}
 
 @dataclass
 class BatchAdapters:
-    """Each sequence's adapter slot for the forward in progress; shared by every MoE layer."""
+    """Each sequence's adapter slot for the forward in progress; shared by every MoE layer and
+    every TokenLoRALinear of the model."""
 
     seq_slots: torch.Tensor | None = None  # [B], NO_ADAPTER for none
 
