@@ -2,7 +2,8 @@
 
 It is compiled with torch's cpp_extension for the CPU it runs on (-march=native), so the
 build is cached per source, torch version and CPU. Where it cannot be built (no compiler,
-no AVX-512) the engine says so once and runs the PyTorch path.
+no AVX512-BF16) the engine says so once and runs the PyTorch path; a failed build is not
+retried within the process.
 """
 
 from __future__ import annotations
@@ -24,11 +25,18 @@ class KernelUnavailable(RuntimeError):
     pass
 
 
-@functools.cache
 def cpu_kernel():
     """The op ``torch.ops.expertlora_cpu.moe_lora``; raises KernelUnavailable with the reason."""
+    result = _build()
+    if isinstance(result, KernelUnavailable):
+        raise result
+    return result
+
+
+@functools.cache
+def _build():
     if platform.machine() not in ("x86_64", "AMD64") or not _has_avx512():
-        raise KernelUnavailable("the CPU lacks AVX-512 with BF16 (avx512f/bw/vl/avx512_bf16)")
+        return KernelUnavailable("the CPU lacks AVX-512 with BF16 (avx512f/bw/vl/avx512_bf16)")
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
@@ -45,7 +53,7 @@ def cpu_kernel():
         )
     except Exception as err:  # a missing compiler or ninja shows up as several error types
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise KernelUnavailable(f"building {SOURCE.name} failed: {reason}") from err
+        return KernelUnavailable(f"building {SOURCE.name} failed: {reason}")
     return torch.ops.expertlora_cpu.moe_lora
 
 
