@@ -277,3 +277,20 @@ def test_large_bf16_batches_can_run_on_onednn():
         out[key] = engine.forward(LAYER, x, ids, w, engine.token_slots(names))
     assert torch.equal(out["onednn"], out["torch"])
     assert rel(out["onednn"], reference(weights, x, ids, w, names, {"a": adapter})) < TOLERANCE["bf16"]
+
+
+def test_falls_back_to_the_pytorch_path_when_the_kernel_cannot_build(monkeypatch):
+    import expertlora.engine as engine_module
+    import expertlora.kernels as kernels
+
+    def unavailable():
+        raise KernelUnavailable("building moe_lora_cpu.cpp failed: no compiler")
+
+    monkeypatch.setattr(engine_module, "cpu_kernel", unavailable)
+    kernels.warn_unavailable.cache_clear()
+    E, H, I = shape_for("bf16")
+    weights = {LAYER: ExpertWeights.from_tensors(*make_weights(E, H, I), method="bf16")}
+    with pytest.warns(UserWarning, match="kernel unavailable .*no compiler.*PyTorch path"):
+        assert MoELoRAEngine(weights).kernel == "torch"
+    with pytest.raises(KernelUnavailable, match="no compiler"):
+        MoELoRAEngine(weights, kernel="compiled")
