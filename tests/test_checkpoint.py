@@ -75,3 +75,11 @@ def test_bad_checkpoints(tmp_path, model_dir):
     save_file({"model.embed_tokens.weight": torch.randn(4, H)}, tmp_path / "model.safetensors")
     with pytest.raises(AdapterError, match="expected expert weights under one of"):
         Checkpoint(tmp_path)
+
+
+def test_quantized_checkpoints_are_refused(tmp_path, model_dir):
+    config = json.loads((model_dir("deepseek_v3") / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="quantization_config: expected an unquantized checkpoint.*found fp8"):
+        Checkpoint(tmp_path)

@@ -50,6 +50,7 @@ class Checkpoint:
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
         self.config = MoEConfig.from_model_dir(self.dir)
+        self._refuse_quantized()
         self.files = self._key_files()
         self.layout = self._detect_layout()
 
@@ -87,6 +88,15 @@ class Checkpoint:
         if tuple(t.shape) != shape:
             raise AdapterError(self.files[key], key, shape_str(shape) + " (from config.json)", shape_str(t.shape))
         return t
+
+    def _refuse_quantized(self) -> None:
+        """FP8 / GPTQ / AWQ checkpoints store scales we would ignore: refuse them by name."""
+        path = self.dir / "config.json"
+        quant = json.loads(path.read_text()).get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+            raise AdapterError(path, "quantization_config", "an unquantized checkpoint (bf16 / fp16 / fp32 weights)",
+                               f"{method}; dequantize it to bf16 first")
 
     def _key_files(self) -> dict[str, Path]:
         index = self.dir / INDEX_NAME

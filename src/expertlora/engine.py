@@ -58,7 +58,7 @@ class MoELoRAEngine:
             raise ValueError(f"unknown kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
         self.layers = layers
         self.method = first.method
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or available_cores()
         # Activations and LoRA run in fp32 with fp32 weights, else in bf16 (fp32 accumulation).
         self.act_dtype = torch.float32 if self.method == "fp32" else torch.bfloat16
         self.slots = AdapterSlots(*shape, self.act_dtype)
@@ -136,6 +136,13 @@ class MoELoRAEngine:
         if bad:
             loaded = ", ".join(f"{n}={self.slots.index(n)}" for n in self.slots.names) or "none"
             raise ValueError(f"token_slots: slot {bad[0]} holds no adapter (loaded: {loaded})")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _compiled(weights: ExpertWeights, required: bool):

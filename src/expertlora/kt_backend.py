@@ -13,10 +13,9 @@ Shape legend: E = experts, H = hidden, I = intermediate, r = the layer's kt rank
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .engine import available_cores
 from .experts import ExpertWeights
 from .lora import ExpertLoRA, LayerLoRA, ProjLoRA
 from .slots import NO_ADAPTER, AdapterSlots
@@ -63,7 +62,7 @@ class KtMoEEngine:
         self.kt_method = kt_method
         self.method = first.method
         # kt-kernel on every core runs many times slower than with one core left free.
-        self.threads = threads or max(1, (os.cpu_count() or 2) - 1)
+        self.threads = threads or max(1, available_cores() - 1)
         self.slots = AdapterSlots(first.num_experts, first.hidden_size, first.intermediate_size, torch.bfloat16)
         self._adapters: dict[int, ExpertLoRA] = {}
         self._wrappers: dict[int, _KtLayer] = {}
