@@ -84,7 +84,7 @@ class MoELoRAEngine:
 
     def token_slots(self, names: list[str | None]) -> torch.Tensor:
         """Per-token slot tensor from per-token adapter names (None for no adapter)."""
-        return torch.tensor([self.slots.index(n) for n in names], dtype=torch.int64)
+        return self.slots.token_slots(names)
 
     def forward(
         self,

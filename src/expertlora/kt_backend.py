@@ -63,21 +63,18 @@ class KtMoEEngine:
         self.method = first.method
         # kt-kernel on every core runs many times slower than with one core left free.
         self.threads = threads or max(1, available_cores() - 1)
+        # Slots for names and numbers; kt-kernel takes the adapters themselves, never their engine form.
         self.slots = AdapterSlots(first.num_experts, first.hidden_size, first.intermediate_size, torch.bfloat16)
-        self._adapters: dict[int, ExpertLoRA] = {}
         self._wrappers: dict[int, _KtLayer] = {}
 
     kernel = "kt"
 
     def load_adapter(self, name: str, adapter: ExpertLoRA) -> int:
-        slot = self.slots.load(name, adapter)
-        self._adapters[slot] = adapter
-        return slot
+        return self.slots.load(name, adapter)
 
     def unload_adapter(self, name: str) -> None:
         slot = self.slots.index(name)
         self.slots.unload(name)
-        del self._adapters[slot]
         for wrapper in self._wrappers.values():
             if wrapper.active == slot:
                 wrapper.active = None
@@ -86,7 +83,7 @@ class KtMoEEngine:
         return self.slots.index(name)
 
     def token_slots(self, names: list[str | None]) -> torch.Tensor:
-        return torch.tensor([self.slots.index(n) for n in names], dtype=torch.int64)
+        return self.slots.token_slots(names)
 
     def forward(self, layer, x, topk_ids, topk_weights, token_slots=None) -> torch.Tensor:
         slot = NO_ADAPTER
@@ -95,10 +92,9 @@ class KtMoEEngine:
             if len(used) > 1:
                 raise ValueError("the kt backend runs one adapter per batch (kt-kernel holds one LoRA); use the cpu backend for mixed batches")
             slot = used[0]
-            if slot != NO_ADAPTER and slot not in self._adapters:
-                raise ValueError(f"token_slots: slot {slot} holds no adapter")
+        adapter = None if slot == NO_ADAPTER else self.slots.adapter(slot)
         wrapper = self._layer(layer, topk_ids.shape[1])
-        wrapper.activate(slot, self._adapters.get(slot))
+        wrapper.activate(slot, adapter)
         _fit_shared_buffer(x.shape[1], topk_ids.shape[1])
         out = [wrapper.kt.forward(x[i : i + MAX_TOKENS].to(torch.bfloat16).contiguous(),
                                   topk_ids[i : i + MAX_TOKENS].to(torch.int64).contiguous(),
@@ -108,7 +104,7 @@ class KtMoEEngine:
 
     def _layer(self, layer: int, k: int) -> _KtLayer:
         """This layer's wrapper, (re)built when an adapter needs a larger rank or k changes."""
-        rank = max([1] + [_rank(a.layers.get(layer)) for a in self._adapters.values()])
+        rank = max([1] + [_rank(a.layers.get(layer)) for a in self.slots.adapters()])
         wrapper = self._wrappers.get(layer)
         if wrapper is None or wrapper.rank < rank or wrapper.k != k:
             self._wrappers[layer] = wrapper = _KtLayer(self.layers[layer], layer, rank, k, self.kt_method, self.threads)

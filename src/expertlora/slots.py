@@ -1,6 +1,6 @@
 """Adapter slots: any number of canonical adapters loaded at once, each token picking one.
 
-Each adapter is turned, once at load, into the form the engine runs (per layer, SlotLoRA):
+Each adapter is turned, once per layer on first use, into the form the engine runs (SlotLoRA):
 the scaling folded into B, B transposed (so the expand runs along output columns), gate's and
 up's A stacked so one shrink serves both, and a projection the adapter does not target given
 rank 0, so no kernel ever asks "is there LoRA?".
@@ -56,7 +56,8 @@ class AdapterSlots:
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
         self.shape = (num_experts, hidden_size, intermediate_size)
         self.dtype = dtype
-        self._slots: list[dict[int, SlotLoRA] | None] = []  # slot -> layer -> LoRA
+        self._adapters: list[ExpertLoRA | None] = []  # slot -> adapter
+        self._forms: list[dict[int, SlotLoRA]] = []  # slot -> layer -> engine form, built on first use
         self._index: dict[str, int] = {}
         self._kernel_args: dict[int, tuple[list[torch.Tensor], ...]] = {}  # cleared on load / unload
         self._empty = SlotLoRA.from_layer(None, num_experts, hidden_size, intermediate_size, dtype)
@@ -81,17 +82,19 @@ class AdapterSlots:
         ):
             if expected != found:
                 raise AdapterError(info.path, key, f"{expected} (the engine's experts)", str(found))
-        layers = {L: SlotLoRA.from_layer(lora, E, H, I, self.dtype) for L, lora in adapter.layers.items()}
-        slot = self._slots.index(None) if None in self._slots else len(self._slots)
-        if slot == len(self._slots):
-            self._slots.append(None)
-        self._slots[slot] = layers
+        slot = self._adapters.index(None) if None in self._adapters else len(self._adapters)
+        if slot == len(self._adapters):
+            self._adapters.append(None)
+            self._forms.append({})
+        self._adapters[slot] = adapter
         self._index[name] = slot
         self._kernel_args.clear()
         return slot
 
     def unload(self, name: str) -> None:
-        self._slots[self.index(name)] = None
+        slot = self.index(name)
+        self._adapters[slot] = None
+        self._forms[slot] = {}
         del self._index[name]
         self._kernel_args.clear()
 
@@ -103,9 +106,31 @@ class AdapterSlots:
             raise KeyError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self._index) or 'none'})")
         return self._index[name]
 
+    def token_slots(self, names: list[str | None]) -> torch.Tensor:
+        """Per-token slot tensor from per-token adapter names (None for no adapter)."""
+        return torch.tensor([self.index(n) for n in names], dtype=torch.int64)
+
+    def adapter(self, slot: int) -> ExpertLoRA:
+        """The adapter in a loaded slot."""
+        if not self.is_loaded(slot):
+            raise ValueError(f"token_slots: slot {slot} holds no adapter")
+        return self._adapters[slot]
+
+    def adapters(self) -> list[ExpertLoRA]:
+        return [a for a in self._adapters if a is not None]
+
     def layer(self, layer: int) -> list[SlotLoRA]:
         """Every slot's LoRA for ``layer``, indexed by slot; empty slots have rank 0."""
-        return [(layers or {}).get(layer, self._empty) for layers in self._slots]
+        return [self._form(slot, layer) for slot in range(len(self._adapters))]
+
+    def _form(self, slot: int, layer: int) -> SlotLoRA:
+        adapter = self._adapters[slot]
+        if adapter is None or layer not in adapter.layers:
+            return self._empty
+        if layer not in self._forms[slot]:
+            E, H, I = self.shape
+            self._forms[slot][layer] = SlotLoRA.from_layer(adapter.layers[layer], E, H, I, self.dtype)
+        return self._forms[slot][layer]
 
     def kernel_args(self, layer: int) -> tuple[list[torch.Tensor], ...]:
         """The compiled kernel's five per-slot lists for ``layer`` (A_gu, Bᵀ_g, Bᵀ_u, A_d, Bᵀ_d)."""
@@ -118,7 +143,7 @@ class AdapterSlots:
 
     @property
     def has_empty_slots(self) -> bool:
-        return None in self._slots
+        return None in self._adapters
 
     def is_loaded(self, slot: int) -> bool:
-        return 0 <= slot < len(self._slots) and self._slots[slot] is not None
+        return 0 <= slot < len(self._adapters) and self._adapters[slot] is not None
