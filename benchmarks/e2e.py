@@ -27,6 +27,7 @@ import torch
 
 from expertlora import MoEConfig, load_adapter
 from expertlora.integration import load_model
+from moe_layer import cpu_name  # this folder is on sys.path when a benchmark runs as a script
 
 RANK, ALPHA = 16, 32.0
 
@@ -110,7 +111,7 @@ def main():
                 rows.append((f"expertlora {'+ adapter' if name else 'no adapter'}", method, *speeds(lm.model, prompt, args.new_tokens)))
                 print(rows[-1], flush=True)
             del lm
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU")
+    cpu = cpu_name()
     table = [
         f"### {cpu}, {os.cpu_count()} cores, threads {threads}, torch {torch.__version__}, {date.today()}",
         "",

@@ -277,7 +277,7 @@ def main():
     torch.set_num_threads(args.threads or os.cpu_count())
     args.kt_threads = args.kt_threads or max(1, (args.threads or os.cpu_count()) - 1)
     read_gbs, copy_gbs = bandwidth(args.cache_mb)
-    cpu = _cpu_name()
+    cpu = cpu_name()
     print(f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}: read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s", flush=True)
     rows = []
     for name in args.shapes.split(","):
@@ -294,7 +294,7 @@ def main():
             f.write(table + "\n")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
