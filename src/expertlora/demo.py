@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 import warnings
 from pathlib import Path
 
@@ -116,7 +116,7 @@ def _generate(work: Path, base_dir: Path, base, peft_model, console: Console) ->
     reference = {}
     for adapter in ("demo", None):
         start = time.perf_counter()
-        with torch.no_grad(), (peft_model.disable_adapter() if adapter is None else _nothing()):
+        with torch.no_grad(), (peft_model.disable_adapter() if adapter is None else nullcontext()):
             out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
                                       min_new_tokens=steps, do_sample=False, pad_token_id=0)
         reference[adapter] = (out[0, len(prompt):].tolist(), steps / (time.perf_counter() - start))
@@ -137,7 +137,3 @@ def _generate(work: Path, base_dir: Path, base, peft_model, console: Console) ->
     console.print(table)
     return ok
 
-
-@contextmanager
-def _nothing():
-    yield
