@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from contextlib import nullcontext
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
