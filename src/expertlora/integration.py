@@ -33,22 +33,32 @@ EXPERTS_IMPLEMENTATION = "expertlora"
 KEY_RENAMES = {"mixtral": ((".block_sparse_moe.gate.", ".mlp.gate."),)}
 
 
-@dataclass
 class BatchAdapters:
     """Each sequence's adapter slot for the forward in progress; shared by every MoE layer and
     every TokenLoRALinear of the model."""
 
-    seq_slots: torch.Tensor | None = None  # [B], NO_ADAPTER for none
+    def __init__(self):
+        self.set(None)
+
+    def set(self, seq_slots: torch.Tensor | None) -> None:
+        """``seq_slots`` [B]: each sequence's slot, NO_ADAPTER for none; None: no adapters."""
+        self.seq_slots = seq_slots
+        distinct = [NO_ADAPTER] if seq_slots is None else seq_slots.unique().tolist()
+        # The slot every token shares (NO_ADAPTER: none has one), else None: the batch mixes.
+        self.shared_slot = distinct[0] if len(distinct) == 1 else None
+        self._token_slots: dict[int, torch.Tensor] = {}
 
     def token_slots(self, num_tokens: int) -> torch.Tensor | None:
         """Per-token slots for the B * S tokens of the batch in flattened (sequence-major) order;
         None when no sequence has an adapter."""
-        if self.seq_slots is None or bool((self.seq_slots == NO_ADAPTER).all()):
+        if self.shared_slot == NO_ADAPTER:
             return None
-        B = self.seq_slots.shape[0]
-        if num_tokens % B:
-            raise ValueError(f"{num_tokens} tokens do not split into {B} sequences")
-        return self.seq_slots.repeat_interleave(num_tokens // B)
+        if num_tokens not in self._token_slots:  # once per forward, not once per layer
+            B = self.seq_slots.shape[0]
+            if num_tokens % B:
+                raise ValueError(f"{num_tokens} tokens do not split into {B} sequences")
+            self._token_slots[num_tokens] = self.seq_slots.repeat_interleave(num_tokens // B)
+        return self._token_slots[num_tokens]
 
 
 class TokenLoRALinear(torch.nn.Module):
@@ -62,15 +72,24 @@ class TokenLoRALinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        slots = self.batch.token_slots(x[..., 0].numel()) if self.loras else None
-        if slots is None:
+        if not self.loras:
             return y
+        shared = self.batch.shared_slot
+        if shared is not None:  # decode of one sequence, or one adapter for all: no row gathering
+            if shared in self.loras:
+                y += _lora_delta(x, *self.loras[shared]).to(y.dtype)
+            return y
+        slots = self.batch.token_slots(x[..., 0].numel())
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])  # [N, in], [N, out]
         for slot, (a, b) in self.loras.items():
             rows = (slots == slot).nonzero().squeeze(1)
             if rows.numel():
-                y2.index_add_(0, rows, ((x2[rows].float() @ a.T) @ b.T).to(y.dtype))
+                y2.index_add_(0, rows, _lora_delta(x2[rows], a, b).to(y.dtype))
         return y
+
+
+def _lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (x.float() @ a.T) @ b.T
 
 
 @dataclass
@@ -107,7 +126,7 @@ class LoadedModel:
 
     def use(self, names: list[str | None]) -> None:
         """Select each sequence's adapter (a name, or None) for the next forward / generate."""
-        self.batch.seq_slots = self.engine.token_slots(names)
+        self.batch.set(self.engine.token_slots(names))
 
 
 def load_model(
