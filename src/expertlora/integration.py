@@ -99,11 +99,17 @@ class ExpertsBinding:
     engine: MoELoRAEngine
     layer: int
     batch: BatchAdapters
+    routing_counts: torch.Tensor | None = None  # [E] int64: when set, each routed pair is counted here
+
+
 
 
 def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
     """The registered experts implementation: transformers' signature, our engine."""
     b: ExpertsBinding = self.expertlora
+    if b.routing_counts is not None:  # expertlora profile: which experts this layer's tokens chose
+        ids = top_k_index.flatten().cpu()
+        b.routing_counts += torch.bincount(ids[(ids >= 0) & (ids < b.routing_counts.numel())], minlength=b.routing_counts.numel())
     slots = b.batch.token_slots(hidden_states.shape[0])
     return b.engine.forward(b.layer, hidden_states, top_k_index, top_k_weights, slots)
 
