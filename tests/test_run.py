@@ -44,8 +44,13 @@ def test_bad_inputs(tmp_path, model_dir, fused_adapter):
         (("--model", mixtral, "--prompt", "hello"), "no tokenizer files"),
         (("--model", mixtral, "--prompt-ids", "1,x"), "comma-separated token ids"),
         (("--model", mixtral, "--prompt-ids", "1,2", "--use", "other"), "--use 'other'"),
-        (("--model", mixtral, "--prompt-ids", "1,2", "--kt-num-gpu-experts", "2"), "GPU experts are not available"),
+        (("--model", mixtral, "--prompt-ids", "1,2", "--kt-num-gpu-experts", "2"), "need --device cuda"),
+        (("--model", mixtral, "--prompt-ids", "1,2", "--gpu-experts", "99"), "--gpu-experts 99: expected 0 to"),
+        (("--model", mixtral, "--prompt-ids", "1,2", "--gpu-experts", "1", "--gpu-experts-ratio", "0.5"), "not both"),
+        (("--model", mixtral, "--prompt-ids", "1,2", "--device", "tpu"), "--device 'tpu': expected cpu or cuda"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((("--model", mixtral, "--prompt-ids", "1,2", "--device", "cuda"), "no CUDA GPU"))
     for args, needle in cases:
         result = run(*args)
         assert result.exit_code == 2, (args, result.output)

@@ -67,13 +67,15 @@ class Checkpoint:
     def experts(self, layer: int, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> ExpertWeights:
         """Layer ``layer``'s routed experts in ``method``. Only this layer is read into memory
         at full precision, once, before it is quantized."""
+        return ExpertWeights.from_gate_up(*self.expert_tensors(layer), method, group_size)
+
+    def expert_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s routed experts as stored: gate_up [E, 2I, H] and down [E, H, I]."""
         c, lay = self.config, self.layout
         E, H, I = c.num_experts, c.hidden_size, c.intermediate_size
         prefix = LAYER_PREFIX.format(L=layer)
         if lay.fused:
-            gate_up = self._checked(prefix + lay.gate, (E, 2 * I, H))
-            down = self._checked(prefix + lay.down, (E, H, I))
-            return ExpertWeights.from_gate_up(gate_up, down, method, group_size)
+            return self._checked(prefix + lay.gate, (E, 2 * I, H)), self._checked(prefix + lay.down, (E, H, I))
         first = self.tensor(prefix + lay.gate.format(e=0))
         gate_up = torch.empty(E, 2 * I, H, dtype=first.dtype)
         down = torch.empty(E, H, I, dtype=first.dtype)
@@ -81,7 +83,7 @@ class Checkpoint:
             gate_up[e, :I] = self._checked(prefix + lay.gate.format(e=e), (I, H))
             gate_up[e, I:] = self._checked(prefix + lay.up.format(e=e), (I, H))
             down[e] = self._checked(prefix + lay.down.format(e=e), (H, I))
-        return ExpertWeights.from_gate_up(gate_up, down, method, group_size)
+        return gate_up, down
 
     def _checked(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = self.tensor(key)

@@ -155,7 +155,7 @@ def run(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 32,
     method: Annotated[str, typer.Option("--method", "--kt-moe-sft-method", "--kt-method", help="Expert storage: fp32, bf16, int8 or int4 (AMXBF16_SFT / AMXINT8_SFT / AMXINT4_SFT).")] = "bf16",
     dtype: Annotated[str, typer.Option("--dtype", help="Non-expert layers: auto (fp32 with --method fp32, else bf16), bf16 or fp32.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option("--threads", "--kt-cpuinfer", help="CPU threads for the experts (default: all cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "--kt-cpuinfer", help="CPU threads for the experts (default: all cores; one fewer with --device cuda).")] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens (0: all).")] = 0,
@@ -164,21 +164,23 @@ def run(
     lora_rank: Annotated[Optional[int], typer.Option("--kt-moe-lora-rank", help="Seed compatibility: must equal the adapter's rank.")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--kt-moe-lora-alpha", help="Seed compatibility: must equal the adapter's alpha.")] = None,
     backend: Annotated[str, typer.Option("--backend", help="cpu (ours: any method, mixed adapters per batch) or kt (kt-kernel's SFT MoE, installed separately: bf16 / int4, one adapter per batch).")] = "cpu",
-    gpu_experts: Annotated[int, typer.Option("--kt-num-gpu-experts", help="Seed compatibility: GPU-resident experts; only 0 (all on the CPU) for now.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu, or cuda: attention and the other non-expert layers on the GPU, with --gpu-experts of each layer's experts there too; the rest run on the CPU at the same time.")] = "cpu",
+    gpu_experts: Annotated[Optional[int], typer.Option("--gpu-experts", "--kt-num-gpu-experts", help="Experts per MoE layer kept on the GPU (with --device cuda; default 0).")] = None,
+    gpu_ratio: Annotated[Optional[float], typer.Option("--gpu-experts-ratio", help="Share of each layer's experts kept on the GPU, 0 to 1 (instead of --gpu-experts).")] = None,
+    placement: Annotated[str, typer.Option("--placement", help="Which experts go to the GPU: prefix (the first N, as the seed), uniform (spread over the ids), or a routing stats file from expertlora profile (each layer's most used).")] = "prefix",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: token_ids, text, prompt_tokens, tokens_per_s, adapter.")] = False,
     progress: ProgressOpt = True,
 ):
-    """Generate from a MoE checkpoint with expert LoRA adapters (experts on the CPU engine)."""
+    """Generate from a MoE checkpoint with expert LoRA adapters (experts on the CPU engine, some on the GPU with --device cuda)."""
     from .run import Sampling, generate, load_setup
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, via PEFT
     out = _stdout_for_results() if backend == "kt" else sys.stdout
     with _errors():
         try:
-            if gpu_experts:
-                raise ValueError(f"--kt-num-gpu-experts {gpu_experts}: GPU experts are not available yet; every expert runs on the CPU (use 0)")
             sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
-            setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress, backend)
+            setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress, backend,
+                               device, gpu_experts, gpu_ratio, placement)
             result = generate(setup.model, setup.prompt_ids, setup.adapter, sampling, setup.tokenizer)
         except ValueError as e:  # AdapterError included: bad input, one line
             err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
@@ -190,7 +192,7 @@ def run(
     shown.print(result.text if result.text is not None else " ".join(map(str, result.token_ids)), markup=False, highlight=False)
     shown.print(
         f"[dim]{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, adapter {result.adapter or 'none'}, "
-        f"method {setup.method}, backend {backend}[/dim]"
+        f"method {setup.method}, backend {backend}, device {device}[/dim]"
     )
     out.flush()
 
@@ -202,6 +204,47 @@ def _stdout_for_results():
     real = os.dup(1)
     os.dup2(2, 1)
     return os.fdopen(real, "w")
+
+
+@app.command()
+def profile(
+    model: Annotated[Path, typer.Option("--model", "--model-path", help="Hugging Face checkpoint directory of a MoE model.")],
+    prompts: Annotated[Path, typer.Option("--prompts", help="One prompt per line: text (needs a tokenizer in the model directory) or token ids 1,2,3.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Routing stats JSON to write (for frequency placement of GPU experts).")],
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "--kt-moe-lora-path", help="[NAME=]PATH of an adapter (any format inspect reads); repeat for several.")] = None,
+    use: Annotated[Optional[str], typer.Option("--use", help="The adapter the prompts run with, by NAME, or none. Default: the first --adapter.")] = None,
+    method: Annotated[str, typer.Option("--method", "--kt-moe-sft-method", "--kt-method", help="Expert storage: fp32, bf16, int8 or int4.")] = "bf16",
+    threads: Annotated[Optional[int], typer.Option("--threads", "--kt-cpuinfer", help="CPU threads for the experts (default: all cores; one fewer with --device cuda).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens generated after each prompt (0: prefill only).")] = 16,
+    progress: ProgressOpt = True,
+):
+    """Record which experts each MoE layer routes to on sample prompts, for GPU expert placement."""
+    from rich.progress import track
+
+    from .placement import profile as run_profile, read_prompts
+    from .run import load_setup, load_tokenizer
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, via PEFT
+    with _errors():
+        try:
+            if max_new_tokens < 0:
+                raise ValueError(f"--max-new-tokens {max_new_tokens}: expected 0 or more")
+            _base(model)  # a bad model directory is named before the prompts are read
+            ids = read_prompts(prompts, load_tokenizer(model))
+            # load_setup checks the options and loads the model; it takes one prompt: the first
+            setup = load_setup(model, adapter or [], use, prompt=None, prompt_ids=",".join(map(str, ids[0])), method=method,
+                               dtype="auto", threads=threads, progress=progress)
+            bar = (lambda items, what: track(items, description=what, transient=True, console=err_console)) if progress else None
+            stats = run_profile(setup.model, ids, setup.adapter, max_new_tokens, bar)
+        except ValueError as e:  # AdapterError included: bad input, one line
+            err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        stats.save(output)
+    shares = [(c[e] / max(sum(c), 1), L, e) for L, c in stats.counts.items() for e in range(stats.num_experts)]
+    (most, Lm, em), (least, Ll, el) = max(shares), min(shares)
+    console.print(f"{stats.tokens} tokens, {len(stats.counts)} MoE layers, {stats.num_experts} experts -> {output}", highlight=False)
+    console.print(f"most used: layer {Lm} expert {em}, {most:.1%} of its routed pairs; least used: layer {Ll} expert {el}, "
+                  f"{least:.1%} (even: {1 / stats.num_experts:.1%})", highlight=False)
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
-from .engine import MoELoRAEngine
+from .engine import MoELoRAEngine, available_cores
+from .experts import ExpertWeights
 from .errors import AdapterError
 from .lora import ExpertLoRA
 from .quantize import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES
@@ -79,7 +80,7 @@ class TokenLoRALinear(torch.nn.Module):
             if shared in self.loras:
                 y += _lora_delta(x, *self.loras[shared]).to(y.dtype)
             return y
-        slots = self.batch.token_slots(x[..., 0].numel())
+        slots = self.batch.token_slots(x[..., 0].numel()).to(x.device)
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])  # [N, in], [N, out]
         for slot, (a, b) in self.loras.items():
             rows = (slots == slot).nonzero().squeeze(1)
@@ -144,6 +145,8 @@ def load_model(
     group_size: int | None = None,
     progress: Callable | None = None,
     backend: str = "cpu",
+    device: str = "cpu",
+    gpu_masks: dict[int, torch.Tensor] | None = None,
 ) -> LoadedModel:
     """Build the model of ``model_dir`` with its experts in ``method`` on our engine.
 
@@ -151,7 +154,9 @@ def load_model(
     given. ``group_size`` (int4): by default the largest of 128 / 64 / 32 that divides the
     hidden and intermediate sizes. ``progress(iterable, description)`` wraps the per-layer
     loading (a rich bar in the CLI). ``backend``: ``cpu`` (ours) or ``kt`` (kt-kernel's SFT
-    MoE: bf16 or int4, one adapter per batch).
+    MoE: bf16 or int4, one adapter per batch). ``device``: where the non-expert layers run;
+    with a GPU, ``gpu_masks`` (layer -> [E] bool) names the experts that live there too (in bf16,
+    fp32 for the fp32 method), and the rest run on the CPU engine at the same time (hybrid.py).
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -161,7 +166,7 @@ def load_model(
     ckpt = Checkpoint(model_dir)
     dtype = dtype or (torch.float32 if method == "fp32" else torch.bfloat16)
     wrap = progress or (lambda items, _description: items)
-    engine = _engine(ckpt, method, backend, threads, group_size, wrap)
+    engine = _engine(ckpt, method, backend, threads, group_size, wrap, torch.device(device), gpu_masks)
 
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
@@ -171,8 +176,10 @@ def load_model(
         if ".experts." in name:
             continue
         key = _checkpoint_key(name, renames, ckpt, config)
-        set_module_tensor_to_device(model, name, "cpu", value=ckpt.tensor(key).to(dtype))
+        set_module_tensor_to_device(model, name, device, value=ckpt.tensor(key).to(dtype))
     model.tie_weights()  # loading replaced the embedding's Parameter: re-tie a tied output layer
+    for name, buffer in list(model.named_buffers()):  # the rotary tables; the experts stay meta
+        set_module_tensor_to_device(model, name, device, value=buffer)
     batch = BatchAdapters()
     for L in ckpt.config.moe_layers:
         model.get_submodule(f"model.layers.{L}.mlp.experts").expertlora = ExpertsBinding(engine, L, batch)
@@ -185,18 +192,40 @@ def load_model(
     return loaded
 
 
-def _engine(ckpt: Checkpoint, method: str, backend: str, threads, group_size, wrap):
+def _engine(ckpt: Checkpoint, method: str, backend: str, threads, group_size, wrap, device: torch.device, gpu_masks):
+    layers = ckpt.config.moe_layers
     if backend == "kt":
         from .kt_backend import KtMoEEngine, kt_method
 
+        if device.type != "cpu":
+            raise ValueError("--backend kt runs every expert on the CPU: use --backend cpu with --device cuda")
         kt = kt_method(method)  # checked before the weights are read
-        layers = {L: ckpt.experts(L, "bf16") for L in wrap(ckpt.config.moe_layers, "experts")}
-        return KtMoEEngine(layers, kt, threads=threads)
+        return KtMoEEngine({L: ckpt.experts(L, "bf16") for L in wrap(layers, "experts")}, kt, threads=threads)
     if backend != "cpu":
         raise ValueError(f"unknown backend {backend!r}: expected cpu or kt")
     group_size = group_size or _int4_group(ckpt.config.hidden_size, ckpt.config.intermediate_size)
-    layers = {L: ckpt.experts(L, method, group_size) for L in wrap(ckpt.config.moe_layers, "experts")}
-    return MoELoRAEngine(layers, threads=threads)
+    if device.type == "cpu":
+        if gpu_masks and any(bool(m.any()) for m in gpu_masks.values()):
+            raise ValueError("GPU experts need a GPU device (--device cuda)")
+        return MoELoRAEngine({L: ckpt.experts(L, method, group_size) for L in wrap(layers, "experts")}, threads=threads)
+    return _hybrid_engine(ckpt, method, threads, group_size, wrap, device, gpu_masks or {})
+
+
+def _hybrid_engine(ckpt: Checkpoint, method: str, threads, group_size: int, wrap, device: torch.device, gpu_masks):
+    from .gpu import GpuMoELoRA
+    from .hybrid import HybridMoE
+
+    E, layers = ckpt.config.num_experts, ckpt.config.moe_layers
+    cpu_layers = {}
+    gpu = GpuMoELoRA(device, torch.float32 if method == "fp32" else torch.bfloat16)
+    for L in wrap(layers, "experts"):
+        gate_up, down = ckpt.expert_tensors(L)  # read once: the GPU's share is copied, the CPU's quantized
+        cpu_layers[L] = ExpertWeights.from_gate_up(gate_up, down, method, group_size)
+        gpu.add_layer(L, gate_up, down, gpu_masks.get(L, torch.zeros(E, dtype=torch.bool)))
+        del gate_up, down
+    # One core stays free for the thread that drives the GPU.
+    cpu = MoELoRAEngine(cpu_layers, threads=threads or max(1, available_cores() - 1))
+    return HybridMoE(cpu, gpu)
 
 
 def add_adapter(loaded: LoadedModel, name: str, adapter: ExpertLoRA) -> None:
@@ -219,7 +248,8 @@ def add_adapter(loaded: LoadedModel, name: str, adapter: ExpertLoRA) -> None:
             parent, _, child = path.rpartition(".")
             module = TokenLoRALinear(module, loaded.batch)
             setattr(loaded.model.get_submodule(parent), child, module)
-        module.loras[slot] = (lora.a.float(), lora.b.float() * lora.spec.scaling)
+        device = module.base.weight.device
+        module.loras[slot] = (lora.a.float().to(device), (lora.b.float() * lora.spec.scaling).to(device))
 
 
 def remove_adapter(loaded: LoadedModel, name: str) -> None:

@@ -53,7 +53,7 @@ def load_tokenizer(model_dir: str | Path):
 
 def generate(lm: LoadedModel, prompt_ids: list[int], adapter: str | None, sampling: Sampling, tokenizer=None) -> Generation:
     """One prompt through the model with ``adapter`` (None: the base model)."""
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=lm.model.device)
     lm.use([adapter])
     kwargs: dict = {}
     if sampling.temperature > 0:
@@ -111,6 +111,10 @@ def load_setup(
     lora_alpha: float | None = None,
     progress: bool = True,
     backend: str = "cpu",
+    device: str = "cpu",
+    gpu_experts: int | None = None,
+    gpu_ratio: float | None = None,
+    placement: str = "prefix",
 ) -> Setup:
     """Check every option, then load the adapters and the model (with a progress bar)."""
     from .formats import load_adapter
@@ -137,12 +141,31 @@ def load_setup(
     tokenizer = load_tokenizer(model_dir)
     ids = _prompt_ids(prompt, prompt_ids, tokenizer, model_dir)
     base = MoEConfig.from_model_dir(model_dir)
+    masks = _gpu_masks(base, device, gpu_experts, gpu_ratio, placement)
     adapters = {name: load_adapter(path, base) for name, path in named.items()}
     for name, adapter in adapters.items():
         _check_seed_flags(name, adapter, lora_rank, lora_alpha)
     bar = _rich_progress if progress else None
-    lm = load_model(model_dir, method, dtypes[dtype], adapters, threads=threads, progress=bar, backend=backend)
+    lm = load_model(model_dir, method, dtypes[dtype], adapters, threads=threads, progress=bar, backend=backend,
+                    device=device, gpu_masks=masks)
     return Setup(lm, method, ids, chosen, tokenizer)
+
+
+def _gpu_masks(base, device: str, gpu_experts: int | None, gpu_ratio: float | None, placement: str):
+    """Per-layer GPU expert masks from the placement options; None when every expert is on the CPU."""
+    from .placement import gpu_expert_count, gpu_masks, parse_placement
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device {device!r}: expected cpu or cuda")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to PyTorch here")
+    count = gpu_expert_count(base.num_experts, gpu_experts, gpu_ratio)
+    if count == 0:
+        return None
+    if device == "cpu":
+        raise ValueError("--gpu-experts / --gpu-experts-ratio need --device cuda")
+    strategy, stats = parse_placement(placement)
+    return gpu_masks(base.num_experts, base.moe_layers, count, strategy, stats)
 
 
 def _prompt_ids(prompt: str | None, prompt_ids: str | None, tokenizer, model_dir: Path) -> list[int]:

@@ -1,0 +1,103 @@
+"""The hybrid executor: each MoE layer's routed pairs split between the GPU and the CPU engine.
+
+Per layer call, in this order:
+  1. the pairs whose expert is not resident on the GPU go to the host: x, their ids (resident
+     ones set to -1) and the weights are copied into pinned buffers without blocking, and a
+     worker thread waits for that copy and runs the CPU engine (its kernel releases the GIL);
+  2. meanwhile the GPU backend runs the resident pairs on the current stream;
+  3. the CPU result comes back to the GPU (pinned, non-blocking) and is added.
+Layers with all experts on one side skip the other. Without a GPU device the same code runs
+with both parts on the CPU (CI checks the split that way).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .engine import MoELoRAEngine
+from .gpu import GpuMoELoRA
+from .lora import ExpertLoRA
+
+
+class HybridMoE:
+    """The engine API of MoELoRAEngine, over a CPU engine and a GPU backend sharing one set of
+    adapter slots."""
+
+    def __init__(self, cpu: MoELoRAEngine, gpu: GpuMoELoRA):
+        gpu.slots = cpu.slots  # one set of adapters: a slot means the same adapter on both sides
+        self.cpu, self.gpu, self.slots = cpu, gpu, cpu.slots
+        self.layers = cpu.layers
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts")
+        self._host: dict[str, torch.Tensor] = {}  # pinned staging buffers, grown as needed
+
+    def load_adapter(self, name: str, adapter: ExpertLoRA) -> int:
+        return self.cpu.load_adapter(name, adapter)
+
+    def unload_adapter(self, name: str) -> None:
+        self.cpu.unload_adapter(name)
+
+    def slot(self, name: str | None) -> int:
+        return self.cpu.slot(name)
+
+    def token_slots(self, names: list[str | None]) -> torch.Tensor:
+        return self.cpu.token_slots(names)
+
+    def forward(
+        self,
+        layer: int,
+        x: torch.Tensor,  # [T, H], on the GPU backend's device
+        topk_ids: torch.Tensor,  # [T, k]
+        topk_weights: torch.Tensor,  # [T, k]
+        token_slots: torch.Tensor | None = None,  # [T], on the CPU
+    ) -> torch.Tensor:  # [T, H] in x's dtype
+        E = self.cpu.slots.shape[0]
+        on_gpu = self.gpu.num_resident(layer)
+        cpu_part = None
+        if on_gpu < E:
+            cpu_ids = topk_ids if on_gpu == 0 else topk_ids.masked_fill(self.gpu.resident(layer, topk_ids), -1)
+            cpu_part = self._submit_cpu(layer, x, cpu_ids, topk_weights, token_slots)
+        if on_gpu:
+            slots = None if token_slots is None else token_slots.to(x.device, non_blocking=True)
+            y = self.gpu.forward(layer, x, topk_ids, topk_weights, slots)
+        else:
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        if cpu_part is not None:
+            y += cpu_part.result().to(x.device, non_blocking=True)
+        return y.to(x.dtype)
+
+    def _submit_cpu(self, layer, x, ids, weights, token_slots):
+        """Start the CPU engine on the pairs it owns; returns a future of its [T, H] result."""
+        x_h, ids_h, w_h = (self._staged(name, t) for name, t in (("x", x), ("ids", ids), ("w", weights)))
+        copied = None
+        if x.is_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        out = self._buffer("y", x.shape, x.dtype)
+
+        def run():
+            if copied is not None:
+                copied.synchronize()  # the host copies above have landed
+            out.copy_(self.cpu.forward(layer, x_h, ids_h, w_h, token_slots))
+            return out
+
+        return self._worker.submit(run)
+
+    def _staged(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` copied to a pinned host buffer without blocking (a plain copy on the CPU)."""
+        if not t.is_cuda:
+            return t
+        buf = self._buffer(name, t.shape, t.dtype)
+        buf.copy_(t, non_blocking=True)
+        return buf
+
+    def _buffer(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A reused host buffer; pinned when a GPU is present. Reuse is safe: each layer call
+        waits for its CPU result, and later copies queue behind earlier ones on the stream."""
+        numel = torch.Size(shape).numel()
+        buf = self._host.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=torch.cuda.is_available())
+            self._host[name] = buf
+        return buf[:numel].view(shape)

@@ -1,0 +1,71 @@
+"""Whole tiny models with experts split between the GPU and the CPU: the hybrid logits equal the
+all-CPU logits (fp32: 1e-4 relative; bf16: 3e-2) for every family and placement, with two
+adapters and no adapter mixed in one batch. Needs a CUDA GPU (scripts/device_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertlora import load_adapter, tiny
+from expertlora.integration import load_model
+from expertlora.placement import RoutingStats, gpu_masks
+
+from .conftest import FAMILIES, rel_err
+from .test_integration import prompt
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
+
+
+def masks(strategy: str, base, count: int):
+    E, layers = base.num_experts, base.moe_layers
+    if strategy == "random":
+        gen = torch.Generator().manual_seed(count)
+        return {L: torch.zeros(E, dtype=torch.bool).index_fill_(0, torch.randperm(E, generator=gen)[:count], True) for L in layers}
+    gen = torch.Generator().manual_seed(7)
+    stats = RoutingStats("tiny", E, 100, {L: torch.randint(0, 50, (E,), generator=gen).tolist() for L in layers})
+    return gpu_masks(E, layers, count, strategy, stats)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, fused_adapter):
+    def make(family: str):
+        adapter_dir, _, base = fused_adapter(family)
+        v4 = tiny.write_per_expert_adapter(
+            tmp_path_factory.mktemp(f"{family}_v4") / "v4", num_layers=list(base.moe_layers), num_experts=base.num_experts,
+            hidden_size=base.hidden_size, intermediate_size=base.intermediate_size, r=2, alpha=3.0, seed=9,
+        )
+        return base, {"math": load_adapter(adapter_dir, base), "v4": load_adapter(v4, base)}
+
+    return make
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["fp32", "bf16"])
+def test_hybrid_model_equals_all_cpu(family, method, model_dir, adapters):
+    base, ads = adapters(family)
+    ids = prompt(3, 6, seed=3)
+    names = ["math", "v4", None]
+    cpu = load_model(model_dir(family), method, adapters=ads, threads=2)
+    cpu.use(names)
+    with torch.no_grad():
+        expected = cpu.model(input_ids=ids).logits.float()
+    E = base.num_experts
+    for strategy, count in (("prefix", E // 2), ("uniform", E // 4 or 1), ("frequency", E // 2), ("random", E - 1), ("prefix", E), ("prefix", 0)):
+        hybrid = load_model(model_dir(family), method, adapters=ads, threads=2, device="cuda", gpu_masks=masks(strategy, base, count))
+        hybrid.use(names)
+        with torch.no_grad():
+            got = hybrid.model(input_ids=ids.cuda()).logits.float().cpu()
+        assert rel_err(got, expected) < TOLERANCE[method], (strategy, count)
+
+
+def test_hybrid_generate_matches_all_cpu_greedy(model_dir, adapters):
+    from expertlora.run import Sampling, generate
+
+    base, ads = adapters("qwen3_moe")
+    cpu = load_model(model_dir("qwen3_moe"), "fp32", adapters=ads, threads=2)
+    hybrid = load_model(model_dir("qwen3_moe"), "fp32", adapters=ads, threads=2, device="cuda",
+                        gpu_masks=masks("uniform", base, base.num_experts // 2))
+    sampling = Sampling(max_new_tokens=8, ignore_eos=True)
+    assert generate(hybrid, [5, 9, 11], "math", sampling).token_ids == generate(cpu, [5, 9, 11], "math", sampling).token_ids
