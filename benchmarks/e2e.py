@@ -1,7 +1,8 @@
-"""End to end: prefill and decode tokens/s of a mid-size random MoE model, CPU.
+"""End to end: prefill and decode tokens/s of a mid-size random MoE model, on the CPU or the GPU.
 
-    python benchmarks/e2e.py                       # 4 layers of the Qwen3-30B-A3B shape
+    python benchmarks/e2e.py                       # 4 layers of the Qwen3-30B-A3B shape, CPU
     python benchmarks/e2e.py --methods bf16 --new-tokens 16
+    python benchmarks/e2e.py --device cuda         # GPU: 0 / 25 / 50 / 100% of the experts there
 
 The model: 4 decoder layers of Qwen3-30B-A3B (H 2048, E 128, top-8, I 768, 32 heads, 4 KV heads),
 random weights, vocabulary --vocab (default 32000, so the output layer does not hide the MoE).
@@ -11,6 +12,10 @@ transformers 5 + PEFT; expertlora without and with the adapter, for each method 
 layers in bf16). Prefill: one forward over --prompt-tokens. Decode: --new-tokens single-token
 steps with the KV cache, after the prefill; tokens/s over the steps alone. Each row runs a
 short warm-up first (PEFT's row does not: one step takes seconds).
+
+With --device cuda, transformers and PEFT run wholly on the GPU, and expertlora (bf16) runs the
+non-expert layers there with --gpu-shares percent of each layer's experts (uniform placement),
+the rest on the CPU engine.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 from expertlora import MoEConfig, load_adapter
 from expertlora.integration import load_model
+from expertlora.placement import gpu_masks
 from moe_layer import cpu_name  # this folder is on sys.path when a benchmark runs as a script
 
 RANK, ALPHA = 16, 32.0
@@ -53,12 +59,14 @@ def _decode(model, prompt: torch.Tensor, new_tokens: int, **kw) -> tuple[float, 
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True, **kw)
-        prefill = prompt.shape[1] / (time.perf_counter() - t0)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        int(token[0, 0])  # waits for the GPU, where there is one
+        prefill = prompt.shape[1] / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
             out = model(input_ids=token, past_key_values=past, use_cache=True, **kw)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        int(token[0, 0])
         return prefill, new_tokens / (time.perf_counter() - t0)
 
 
@@ -71,6 +79,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--peft-new-tokens", type=int, default=3, help="PEFT decodes slowly: fewer steps")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (then --gpu-shares)")
+    p.add_argument("--gpu-shares", default="0,25,50,100", help="with --device cuda: percent of each layer's experts on the GPU")
     p.add_argument("--workdir", default=None, help="where the random checkpoint goes (default: a temporary folder)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args()
@@ -89,7 +99,10 @@ def main():
                 p_.normal_(0, 0.02)
         model.save_pretrained(work / "model")
         prompt = torch.randint(0, args.vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
-        rows = [("transformers 5 base", "bf16", *speeds(model, prompt, args.new_tokens))]
+        prompt = prompt.to(args.device)
+        model.to(args.device)
+        where = "" if args.device == "cpu" else f" ({args.device})"
+        rows = [(f"transformers 5 base{where}", "bf16", *speeds(model, prompt, args.new_tokens))]
         print(rows[-1], flush=True)
         targets = [f"model.layers.{L}.mlp.experts.{p}" for L in range(args.layers) for p in ("gate_up_proj", "down_proj")]
         lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "o_proj"], target_parameters=targets)
@@ -99,21 +112,33 @@ def main():
                 if "lora_B" in name:
                     p_.normal_(0, 0.02)
         peft_model.save_pretrained(work / "adapter")
-        rows.append(("transformers 5 + PEFT", "bf16", *speeds(peft_model, prompt, args.peft_new_tokens)))
+        peft_steps = args.peft_new_tokens if args.device == "cpu" else args.new_tokens
+        rows.append((f"transformers 5 + PEFT{where}", "bf16", *speeds(peft_model, prompt, peft_steps)))
         print(rows[-1], flush=True)
         del model, peft_model
         base = MoEConfig.from_model_dir(work / "model")
         adapter = load_adapter(work / "adapter", base)
-        for method in args.methods.split(","):
-            lm = load_model(work / "model", method, adapters={"lora": adapter}, threads=threads)
+        if args.device == "cpu":
+            runs = [(method, "", {}) for method in args.methods.split(",")]
+        else:
+            runs = [("bf16", f", {share}% of experts on the GPU", dict(device=args.device, gpu_masks=gpu_masks(
+                base.num_experts, base.moe_layers, round(int(share) / 100 * base.num_experts), "uniform")))
+                for share in args.gpu_shares.split(",")]
+        for method, label, placement in runs:
+            # on the GPU, the default leaves a core to the thread that drives it
+            engine_threads = threads if args.device == "cpu" else args.threads
+            lm = load_model(work / "model", method, adapters={"lora": adapter}, threads=engine_threads, **placement)
             for name in (None, "lora"):
                 lm.use([name])
-                rows.append((f"expertlora {'+ adapter' if name else 'no adapter'}", method, *speeds(lm.model, prompt, args.new_tokens)))
+                rows.append((f"expertlora {'+ adapter' if name else 'no adapter'}{label}", method, *speeds(lm.model, prompt, args.new_tokens)))
                 print(rows[-1], flush=True)
             del lm
+            if args.device != "cpu":
+                torch.cuda.empty_cache()
     cpu = cpu_name()
+    card = f"{torch.cuda.get_device_name()}, " if args.device != "cpu" else ""
     table = [
-        f"### {cpu}, {os.cpu_count()} cores, threads {threads}, torch {torch.__version__}, {date.today()}",
+        f"### {card}{cpu}, {os.cpu_count()} cores, threads {threads}, torch {torch.__version__}, {date.today()}",
         "",
         f"{args.layers} layers of the Qwen3-30B-A3B shape, vocabulary {args.vocab}, prompt {args.prompt_tokens} tokens, "
         f"decode {args.new_tokens} steps ({args.peft_new_tokens} for PEFT), LoRA r {RANK} on experts + q_proj / o_proj.",

@@ -153,13 +153,14 @@ def test_hybrid_equals_all_cpu(device, method, strategy, count):
     assert rel(got.cpu(), expected.double()) < TOLERANCE[method]
 
 
-def test_hybrid_without_adapters_and_with_none_tokens():
+@pytest.mark.parametrize("worker", [False, True])
+def test_hybrid_without_adapters_and_with_none_tokens(worker):
     gate, up, down = make_weights(E, H, I)
     weights = ExpertWeights.from_tensors(gate, up, down, "fp32")
     cpu = MoELoRAEngine({LAYER: weights}, threads=2, kernel="torch")
     gpu = GpuMoELoRA("cpu", torch.float32)
     gpu.add_layer(LAYER, torch.cat((gate, up), 1), down, _masks("prefix", 4)[LAYER])
-    hybrid = HybridMoE(cpu, gpu)
+    hybrid = HybridMoE(cpu, gpu, worker=worker)
     ids, w = routing(5, E, K, seed=3)
     x = torch.randn(5, H)
     ref = reference_moe(x, ids, w, gate, up, down, [None] * 5)

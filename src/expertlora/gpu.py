@@ -2,10 +2,11 @@
 
 Each layer keeps its resident experts (any subset of its E experts) in bf16, or fp32 for the
 fp32 method. Routed pairs are sorted by resident expert and each projection runs as one grouped
-matmul (torch._grouped_mm where the device has it, else one matmul per expert). Each adapter
-adds its shrink and expand on its own tokens' rows only, so tokens without an adapter get the
-base result bit for bit. Pairs whose expert is not resident, or whose id is outside [0, E), are
-skipped: the CPU engine runs them (hybrid.py).
+matmul (torch._grouped_mm where the device has it, else one matmul per expert). The LoRA of all
+adapters runs as one more grouped shrink and expand, over groups of (adapter slot, expert);
+rows without an adapter fall outside every group and get the base result bit for bit. Pairs
+whose expert is not resident, or whose id is outside [0, E), are skipped: the CPU engine runs
+them (hybrid.py). Nothing waits on the GPU, so small batches replay as CUDA graphs.
 
 Shape legend as in moe.py; Eg = resident experts of a layer, n = pairs run here,
 R = LoRA rank padded to a multiple of 8 (grouped matmuls want 16-byte rows; the padding is zeros).
@@ -20,9 +21,12 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from .slots import NO_ADAPTER, AdapterSlots, SlotLoRA
+from .slots import AdapterSlots, SlotLoRA
 
 RANK_MULTIPLE = 8
+# Batches up to this many tokens (decode) replay a CUDA graph per layer: at one token the work is
+# tens of microseconds and launching some thirty kernels one by one would cost more.
+GRAPH_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -37,31 +41,32 @@ class GpuLayer:
 
 @dataclass(frozen=True)
 class GpuLoRA:
-    """One adapter's LoRA on one layer's resident experts; gate and up share one shrink, their
-    B's sit side by side in one expand (the off blocks are zeros)."""
+    """Every slot's LoRA on one layer's resident experts, stacked slot-major: group s·Eg + e is
+    slot s's LoRA of resident expert e (zeros for an empty slot or an untargeted projection).
+    Gate and up share one shrink; their B's sit side by side in one expand."""
 
-    a_gate_up: torch.Tensor  # [Eg, R, H]
-    b_gate_up: torch.Tensor  # [Eg, 2I, R]  scaling folded in
-    a_down: torch.Tensor  # [Eg, R, I]
-    b_down: torch.Tensor  # [Eg, H, R]
+    sources: tuple[SlotLoRA, ...]  # what it was built from: rebuilt when a slot changes
+    a_gate_up: torch.Tensor  # [S·Eg, R, H]
+    b_gate_up: torch.Tensor  # [S·Eg, 2I, R]  scaling folded in
+    a_down: torch.Tensor  # [S·Eg, R, I]
+    b_down: torch.Tensor  # [S·Eg, H, R]
 
     @classmethod
-    def from_slot(cls, s: SlotLoRA, resident: torch.Tensor, device: torch.device) -> GpuLoRA:
-        E, rgu, H = s.a_gate_up.shape
-        I, rg = s.bt_gate.shape[2], s.gate_rank
-        R = _padded(rgu)
-        pick = lambda t: t.index_select(0, resident)  # noqa: E731
-        a_gu = torch.zeros(len(resident), R, H, dtype=s.a_gate_up.dtype)
-        a_gu[:, :rgu] = pick(s.a_gate_up)
-        b_gu = torch.zeros(len(resident), 2 * I, R, dtype=s.a_gate_up.dtype)
-        b_gu[:, :I, :rg] = pick(s.bt_gate).transpose(1, 2)
-        b_gu[:, I:, rg:rgu] = pick(s.bt_up).transpose(1, 2)
-        rd = s.a_down.shape[1]
-        a_d = torch.zeros(len(resident), _padded(rd), I, dtype=s.a_down.dtype)
-        a_d[:, :rd] = pick(s.a_down)
-        b_d = torch.zeros(len(resident), H, _padded(rd), dtype=s.a_down.dtype)
-        b_d[:, :, :rd] = pick(s.bt_down).transpose(1, 2)
-        return cls(*(t.to(device) for t in (a_gu, b_gu, a_d, b_d)))
+    def stack(cls, slots: list[SlotLoRA], resident: torch.Tensor, device: torch.device, dtype: torch.dtype) -> GpuLoRA:
+        Eg, S = len(resident), len(slots)
+        H, I = slots[0].a_gate_up.shape[2], slots[0].bt_gate.shape[2]
+        R = _padded(max(max(s.a_gate_up.shape[1], s.a_down.shape[1]) for s in slots))
+        a_gu, b_gu = torch.zeros(S, Eg, R, H, dtype=dtype), torch.zeros(S, Eg, 2 * I, R, dtype=dtype)
+        a_d, b_d = torch.zeros(S, Eg, R, I, dtype=dtype), torch.zeros(S, Eg, H, R, dtype=dtype)
+        for j, s in enumerate(slots):
+            pick = lambda t: t.index_select(0, resident)  # noqa: E731
+            rg, rgu, rd = s.gate_rank, s.a_gate_up.shape[1], s.a_down.shape[1]
+            a_gu[j, :, :rgu] = pick(s.a_gate_up)
+            b_gu[j, :, :I, :rg] = pick(s.bt_gate).transpose(1, 2)
+            b_gu[j, :, I:, rg:rgu] = pick(s.bt_up).transpose(1, 2)
+            a_d[j, :, :rd] = pick(s.a_down)
+            b_d[j, :, :, :rd] = pick(s.bt_down).transpose(1, 2)
+        return cls(tuple(slots), *(t.flatten(0, 1).to(device) for t in (a_gu, b_gu, a_d, b_d)))
 
 
 def _padded(rank: int) -> int:
@@ -79,7 +84,10 @@ class GpuMoELoRA:
     ):
         self.device, self.dtype, self.slots = torch.device(device), dtype, slots
         self.layers: dict[int, GpuLayer] = {}
-        self._loras: dict[tuple[int, int], tuple[SlotLoRA, GpuLoRA]] = {}  # (slot, layer) -> (source, GPU form)
+        self._loras: dict[int, GpuLoRA] = {}  # layer -> every slot's LoRA, stacked
+        self.graphs = self.device.type == "cuda"
+        self._graphs: dict[tuple, _Graph] = {}
+        self._graph_pool = None
 
     def add_layer(
         self,
@@ -118,52 +126,101 @@ class GpuMoELoRA:
         topk_weights: torch.Tensor,  # [T, k]
         token_slots: torch.Tensor | None = None,  # [T] on the device; None: no adapter anywhere
     ) -> torch.Tensor:  # [T, H] float32: the resident experts' share of the layer's output
+        if not (self.graphs and x.is_cuda and x.shape[0] <= GRAPH_MAX_TOKENS):
+            return self._forward(layer, x, topk_ids, topk_weights, token_slots)
+        if token_slots is not None and len(self.slots):
+            self._stacked(layer, self.layers[layer])  # a changed adapter set drops the layer's graphs
+        key = (layer, *topk_ids.shape, x.dtype, topk_ids.dtype, topk_weights.dtype, token_slots is None)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._capture(layer, x, topk_ids, topk_weights, token_slots)
+        for static, value in zip(graph.inputs, (x, topk_ids, topk_weights, token_slots)):
+            if static is not None:
+                static.copy_(value)
+        graph.graph.replay()
+        return graph.output.clone()  # the next replay overwrites the static output
+
+    def _capture(self, layer, *inputs) -> _Graph:
+        static = tuple(None if t is None else t.clone() for t in inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph, as CUDA graphs require
+            for _ in range(2):
+                self._forward(layer, *static)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            output = self._forward(layer, *static)
+        return _Graph(graph, static, output)
+
+    def _forward(self, layer, x, topk_ids, topk_weights, token_slots) -> torch.Tensor:
+        """No host synchronisation (where the device has grouped matmuls): every one of the
+        T·k pairs takes a row, pairs not run here sort last and fall outside every group."""
         g = self.layers[layer]
         T, k = topk_ids.shape
         Eg, H, I = g.gate_up.shape[0], g.gate_up.shape[2], g.down.shape[2]
-        group = g.group[_group_ids(topk_ids, g)].reshape(-1)  # [T * k], Eg: not run here
-        order = torch.argsort(group, stable=True)
-        ends = torch.bincount(group, minlength=Eg + 1)[:Eg].cumsum(0).to(torch.int32)
-        n = int(ends[-1]) if Eg else 0  # the one host sync: slicing needs the count
-        y = torch.zeros(T * k, H, dtype=torch.float32, device=x.device)
-        if n:
-            pairs = order[:n]  # flat pair index, grouped by resident expert
-            tokens = pairs // k
-            xs = x[tokens].to(self.dtype)  # [n, H]
-            adapters = self._adapter_rows(layer, g, token_slots, tokens, group[pairs], ends)
-            gu = grouped_mm(xs, g.gate_up, ends).float()  # [n, 2I]
-            for lora, rows, ends_s in adapters:
-                gu[rows] += grouped_mm(grouped_mm(xs[rows], lora.a_gate_up, ends_s), lora.b_gate_up, ends_s).float()
-            h = (F.silu(gu[:, :I]) * gu[:, I:]).to(self.dtype)  # [n, I]
-            d = grouped_mm(h, g.down, ends).float()  # [n, H]
-            for lora, rows, ends_s in adapters:
-                d[rows] += grouped_mm(grouped_mm(h[rows], lora.a_down, ends_s), lora.b_down, ends_s).float()
-            y[pairs] = d * topk_weights.reshape(-1)[pairs, None].float()
+        group = g.group[_group_ids(topk_ids, g)].reshape(-1)  # [P = T·k]; Eg: not run here
+        order = torch.argsort(group, stable=True)  # rows grouped by resident expert
+        group = group[order]
+        ends = _group_ends(group, Eg)
+        tokens = order // k
+        xs = x[tokens].to(self.dtype)  # [P, H]
+        lora = self._lora_rows(layer, g, token_slots, tokens, group)
+        gu = grouped_mm(xs, g.gate_up, ends).float()  # [P, 2I]
+        if lora is not None:
+            stacked, rows, lora_ends, kept = lora
+            delta = grouped_mm(grouped_mm(xs[rows], stacked.a_gate_up, lora_ends), stacked.b_gate_up, lora_ends)
+            gu[rows] += torch.where(kept, delta.float(), 0.0)
+        h = (F.silu(gu[:, :I]) * gu[:, I:]).to(self.dtype)  # [P, I]
+        d = grouped_mm(h, g.down, ends).float()  # [P, H]
+        if lora is not None:
+            delta = grouped_mm(grouped_mm(h[rows], stacked.a_down, lora_ends), stacked.b_down, lora_ends)
+            d[rows] += torch.where(kept, delta.float(), 0.0)
+        run_here = (group < Eg)[:, None]
+        d = torch.where(run_here, d * topk_weights.reshape(-1)[order, None].float(), 0.0)
+        y = torch.empty_like(d).index_copy_(0, order, d)  # back to pair order
         return y.view(T, k, H).sum(1)  # a fixed order: no atomics, the same bits every run
 
-    def _adapter_rows(self, layer: int, g: GpuLayer, token_slots, tokens, groups, ends):
-        """(GPU LoRA, its rows among the n pairs, its group ends) for each adapter in the batch."""
-        if token_slots is None:
-            return []
-        pair_slots = token_slots[tokens]
-        present = [s for s in pair_slots.unique().tolist() if s != NO_ADAPTER]
-        out = []
-        for s in present:
-            if len(present) == 1 and bool((pair_slots == s).all()):
-                rows, ends_s = slice(None), ends
-            else:
-                rows = (pair_slots == s).nonzero().squeeze(1)
-                ends_s = torch.bincount(groups[rows], minlength=len(ends)).cumsum(0).to(torch.int32)
-            out.append((self._lora(s, layer, g), rows, ends_s))
-        return out
+    def _lora_rows(self, layer: int, g: GpuLayer, token_slots, tokens, group):
+        """The stacked LoRA, the permutation of the P rows that groups them by (slot, expert),
+        the group ends, and which permuted rows have a LoRA at all; None without adapters."""
+        if token_slots is None or len(self.slots) == 0:
+            return None
+        stacked = self._stacked(layer, g)
+        Eg = len(g.resident)
+        slots = token_slots[tokens]  # [P]
+        key = torch.where((slots >= 0) & (group < Eg), slots * Eg + group, stacked.a_gate_up.shape[0])
+        rows = torch.argsort(key, stable=True)
+        key = key[rows]
+        return stacked, rows, _group_ends(key, stacked.a_gate_up.shape[0]), (key < stacked.a_gate_up.shape[0])[:, None]
 
-    def _lora(self, slot: int, layer: int, g: GpuLayer) -> GpuLoRA:
-        source = self.slots.layer(layer)[slot]
-        cached = self._loras.get((slot, layer))
-        if cached is None or cached[0] is not source:  # built on first use, again after a reload
-            cached = (source, GpuLoRA.from_slot(source, g.resident, self.device))
-            self._loras[(slot, layer)] = cached
-        return cached[1]
+    def _stacked(self, layer: int, g: GpuLayer) -> GpuLoRA:
+        sources = tuple(self.slots.layer(layer))
+        cached = self._loras.get(layer)
+        if cached is None or len(cached.sources) != len(sources) or any(a is not b for a, b in zip(cached.sources, sources)):
+            cached = GpuLoRA.stack(list(sources), g.resident, self.device, self.dtype)  # on first use, after a change
+            self._loras[layer] = cached
+            self._graphs = {key: graph for key, graph in self._graphs.items() if key[0] != layer}
+        return cached
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """One captured layer call: copy inputs into ``inputs``, replay, read ``output``."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple  # static x, topk_ids, topk_weights, token_slots (None: captured without adapters)
+    output: torch.Tensor
+
+
+def _group_ends(sorted_groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """int32 end row of each group 0 .. num_groups-1 in rows sorted by group (no host sync,
+    unlike bincount on CUDA)."""
+    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=sorted_groups.device)
+    counts.scatter_add_(0, sorted_groups, torch.ones_like(sorted_groups))
+    return counts[:num_groups].cumsum(0).to(torch.int32)
 
 
 def _group_ids(topk_ids: torch.Tensor, g: GpuLayer) -> torch.Tensor:

@@ -2,10 +2,14 @@
 
 Per layer call, in this order:
   1. the pairs whose expert is not resident on the GPU go to the host: x, their ids (resident
-     ones set to -1) and the weights are copied into pinned buffers without blocking, and a
-     worker thread waits for that copy and runs the CPU engine (its kernel releases the GIL);
-  2. meanwhile the GPU backend runs the resident pairs on the current stream;
-  3. the CPU result comes back to the GPU (pinned, non-blocking) and is added.
+     ones set to -1) and the weights are copied into pinned buffers without blocking;
+  2. the GPU backend's work for the resident pairs is queued on the current stream (it never
+     waits on the GPU; at decode it is one CUDA graph replay);
+  3. the CPU engine runs its pairs as soon as the copies have landed, while the GPU works;
+  4. the CPU result goes back to the GPU (pinned, non-blocking) and is added.
+Step 3 runs on this thread by default. With ``worker=True`` it runs on a worker thread that
+starts before step 2 (the kernel releases the GIL): that keeps the overlap where the GPU part
+has to wait on the GPU (devices without grouped matmuls), at the cost of a thread hand-off.
 Layers with all experts on one side skip the other. Without a GPU device the same code runs
 with both parts on the CPU (CI checks the split that way).
 """
@@ -25,11 +29,11 @@ class HybridMoE:
     """The engine API of MoELoRAEngine, over a CPU engine and a GPU backend sharing one set of
     adapter slots."""
 
-    def __init__(self, cpu: MoELoRAEngine, gpu: GpuMoELoRA):
+    def __init__(self, cpu: MoELoRAEngine, gpu: GpuMoELoRA, worker: bool = False):
         gpu.slots = cpu.slots  # one set of adapters: a slot means the same adapter on both sides
         self.cpu, self.gpu, self.slots = cpu, gpu, cpu.slots
         self.layers = cpu.layers
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts")
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts") if worker else None
         self._host: dict[str, torch.Tensor] = {}  # pinned staging buffers, grown as needed
 
     def load_adapter(self, name: str, adapter: ExpertLoRA) -> int:
@@ -57,18 +61,21 @@ class HybridMoE:
         cpu_part = None
         if on_gpu < E:
             cpu_ids = topk_ids if on_gpu == 0 else topk_ids.masked_fill(self.gpu.resident(layer, topk_ids), -1)
-            cpu_part = self._submit_cpu(layer, x, cpu_ids, topk_weights, token_slots)
+            cpu_part = self._cpu_part(layer, x, cpu_ids, topk_weights, token_slots)
+            if self._worker is not None:
+                cpu_part = self._worker.submit(cpu_part).result
         if on_gpu:
             slots = None if token_slots is None else token_slots.to(x.device, non_blocking=True)
             y = self.gpu.forward(layer, x, topk_ids, topk_weights, slots)
         else:
             y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if cpu_part is not None:
-            y += cpu_part.result().to(x.device, non_blocking=True)
+            y += cpu_part().to(x.device, non_blocking=True)
         return y.to(x.dtype)
 
-    def _submit_cpu(self, layer, x, ids, weights, token_slots):
-        """Start the CPU engine on the pairs it owns; returns a future of its [T, H] result."""
+    def _cpu_part(self, layer, x, ids, weights, token_slots):
+        """Queue the host copies of the CPU engine's inputs; returns the call that waits for
+        them and runs the engine, giving its [T, H] result in a host buffer."""
         x_h, ids_h, w_h = (self._staged(name, t) for name, t in (("x", x), ("ids", ids), ("w", weights)))
         copied = None
         if x.is_cuda:
@@ -78,11 +85,10 @@ class HybridMoE:
 
         def run():
             if copied is not None:
-                copied.synchronize()  # the host copies above have landed
-            out.copy_(self.cpu.forward(layer, x_h, ids_h, w_h, token_slots))
-            return out
+                copied.synchronize()  # the host copies above have landed, not the GPU part queued after them
+            return out.copy_(self.cpu.forward(layer, x_h, ids_h, w_h, token_slots))
 
-        return self._worker.submit(run)
+        return run
 
     def _staged(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` copied to a pinned host buffer without blocking (a plain copy on the CPU)."""

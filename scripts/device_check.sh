@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks and figures on the device machine. Parts, run in the order given (keep one call
+# under 10 minutes):
+#   tests    the whole test suite, GPU tests included (tests/test_gpu.py, tests/test_hybrid_model.py)
+#   layer    benchmarks/gpu_layer.py --parts gpu: the GPU MoE-LoRA layer, three shapes, 1 / 32 / 512 tokens
+#   hybrid   benchmarks/gpu_layer.py --parts hybrid: 0 / 25 / 50 / 100% of the experts on the GPU
+#   e2e      benchmarks/e2e.py --device cuda at the same GPU shares
+#   scripts/device_check.sh tests layer
+# It uses the device's own torch / transformers / peft and runs the package from src/.
+# Results go to $OUT (default /tmp/expertlora-device).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/expertlora-device}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader | tee "$OUT/gpu.txt"
+lscpu | grep -E "Model name|^CPU\(s\)|Thread|L3" | tee -a "$OUT/gpu.txt"
+for part in "${@:-tests}"; do
+  echo "== $part ($(date -u +%H:%M:%S))"
+  case "$part" in
+    tests) python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+    layer) python3 benchmarks/gpu_layer.py --parts gpu --out "$OUT/gpu_layer.md" 2>&1 | grep -v "^|" | tee -a "$OUT/gpu_layer.log" ;;
+    hybrid) python3 benchmarks/gpu_layer.py --parts hybrid --out "$OUT/hybrid.md" 2>&1 | grep -v "^|" | tee -a "$OUT/hybrid.log" ;;
+    e2e) python3 benchmarks/e2e.py --device cuda --out "$OUT/e2e_gpu.md" 2>&1 | tail -16 | tee "$OUT/e2e_gpu.log" ;;
+    *) echo "usage: $0 [tests] [layer] [hybrid] [e2e]" >&2; exit 2 ;;
+  esac
+done
