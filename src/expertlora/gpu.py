@@ -85,7 +85,8 @@ class GpuMoELoRA:
         self.device, self.dtype, self.slots = torch.device(device), dtype, slots
         self.layers: dict[int, GpuLayer] = {}
         self._loras: dict[int, GpuLoRA] = {}  # layer -> every slot's LoRA, stacked
-        self.graphs = self.device.type == "cuda"
+        # Graphs need a path that never waits on the GPU: the per-expert loop reads group sizes.
+        self.graphs = self.device.type == "cuda" and _has_grouped_mm("cuda", dtype)
         self._graphs: dict[tuple, _Graph] = {}
         self._graph_pool = None
 
