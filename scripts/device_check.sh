@@ -18,7 +18,7 @@ lscpu | grep -E "Model name|^CPU\(s\)|Thread|L3" | tee -a "$OUT/gpu.txt"
 for part in "${@:-tests}"; do
   echo "== $part ($(date -u +%H:%M:%S))"
   case "$part" in
-    tests) python3 -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+    tests) python3 -m pytest -q -p no:cacheprovider -rfs tests 2>&1 | grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|^E  " | tail -40 | tee "$OUT/tests.txt" ;;
     layer) python3 benchmarks/gpu_layer.py --parts gpu --out "$OUT/gpu_layer.md" 2>&1 | grep -v "^|" | tee -a "$OUT/gpu_layer.log" ;;
     hybrid) python3 benchmarks/gpu_layer.py --parts hybrid --out "$OUT/hybrid.md" 2>&1 | grep -v "^|" | tee -a "$OUT/hybrid.log" ;;
     e2e) python3 benchmarks/e2e.py --device cuda --out "$OUT/e2e_gpu.md" 2>&1 | tail -16 | tee "$OUT/e2e_gpu.log" ;;

@@ -2,9 +2,10 @@
 
 Each layer keeps its resident experts (any subset of its E experts) in bf16, or fp32 for the
 fp32 method. Routed pairs are sorted by resident expert and each projection runs as one grouped
-matmul (torch._grouped_mm where the device has it, else one matmul per expert). The LoRA of all
-adapters runs as one more grouped shrink and expand, over groups of (adapter slot, expert);
-rows without an adapter fall outside every group and get the base result bit for bit. Pairs
+matmul (torch._grouped_mm where the device has it, else one matmul per expert). Within each
+expert the rows are sorted by adapter, so the LoRA of all adapters runs as one more grouped
+shrink and expand over (expert, adapter) groups on the same rows; rows without an adapter meet
+zeros and get the base result bit for bit. Pairs
 whose expert is not resident, or whose id is outside [0, E), are skipped: the CPU engine runs
 them (hybrid.py). Nothing waits on the GPU, so small batches replay as CUDA graphs.
 
@@ -41,31 +42,33 @@ class GpuLayer:
 
 @dataclass(frozen=True)
 class GpuLoRA:
-    """Every slot's LoRA on one layer's resident experts, stacked slot-major: group s·Eg + e is
-    slot s's LoRA of resident expert e (zeros for an empty slot or an untargeted projection).
-    Gate and up share one shrink; their B's sit side by side in one expand."""
+    """Every slot's LoRA on one layer's resident experts, stacked expert-major with zeros first:
+    group e·(S+1) is "no adapter" on resident expert e, group e·(S+1) + 1 + s is slot s's LoRA
+    of it (zeros for an empty slot or an untargeted projection). Rows sorted by (expert, slot)
+    then serve both the base's groups and these, in the same order. Gate and up share one
+    shrink; their B's sit side by side in one expand."""
 
     sources: tuple[SlotLoRA, ...]  # what it was built from: rebuilt when a slot changes
-    a_gate_up: torch.Tensor  # [S·Eg, R, H]
-    b_gate_up: torch.Tensor  # [S·Eg, 2I, R]  scaling folded in
-    a_down: torch.Tensor  # [S·Eg, R, I]
-    b_down: torch.Tensor  # [S·Eg, H, R]
+    a_gate_up: torch.Tensor  # [Eg·(S+1), R, H]
+    b_gate_up: torch.Tensor  # [Eg·(S+1), 2I, R]  scaling folded in
+    a_down: torch.Tensor  # [Eg·(S+1), R, I]
+    b_down: torch.Tensor  # [Eg·(S+1), H, R]
 
     @classmethod
     def stack(cls, slots: list[SlotLoRA], resident: torch.Tensor, device: torch.device, dtype: torch.dtype) -> GpuLoRA:
         Eg, S = len(resident), len(slots)
         H, I = slots[0].a_gate_up.shape[2], slots[0].bt_gate.shape[2]
         R = _padded(max(max(s.a_gate_up.shape[1], s.a_down.shape[1]) for s in slots))
-        a_gu, b_gu = torch.zeros(S, Eg, R, H, dtype=dtype), torch.zeros(S, Eg, 2 * I, R, dtype=dtype)
-        a_d, b_d = torch.zeros(S, Eg, R, I, dtype=dtype), torch.zeros(S, Eg, H, R, dtype=dtype)
-        for j, s in enumerate(slots):
+        a_gu, b_gu = torch.zeros(Eg, S + 1, R, H, dtype=dtype), torch.zeros(Eg, S + 1, 2 * I, R, dtype=dtype)
+        a_d, b_d = torch.zeros(Eg, S + 1, R, I, dtype=dtype), torch.zeros(Eg, S + 1, H, R, dtype=dtype)
+        for j, s in enumerate(slots, start=1):
             pick = lambda t: t.index_select(0, resident)  # noqa: E731
             rg, rgu, rd = s.gate_rank, s.a_gate_up.shape[1], s.a_down.shape[1]
-            a_gu[j, :, :rgu] = pick(s.a_gate_up)
-            b_gu[j, :, :I, :rg] = pick(s.bt_gate).transpose(1, 2)
-            b_gu[j, :, I:, rg:rgu] = pick(s.bt_up).transpose(1, 2)
-            a_d[j, :, :rd] = pick(s.a_down)
-            b_d[j, :, :, :rd] = pick(s.bt_down).transpose(1, 2)
+            a_gu[:, j, :rgu] = pick(s.a_gate_up)
+            b_gu[:, j, :I, :rg] = pick(s.bt_gate).transpose(1, 2)
+            b_gu[:, j, I:, rg:rgu] = pick(s.bt_up).transpose(1, 2)
+            a_d[:, j, :rd] = pick(s.a_down)
+            b_d[:, j, :, :rd] = pick(s.bt_down).transpose(1, 2)
         return cls(tuple(slots), *(t.flatten(0, 1).to(device) for t in (a_gu, b_gu, a_d, b_d)))
 
 
@@ -85,8 +88,9 @@ class GpuMoELoRA:
         self.device, self.dtype, self.slots = torch.device(device), dtype, slots
         self.layers: dict[int, GpuLayer] = {}
         self._loras: dict[int, GpuLoRA] = {}  # layer -> every slot's LoRA, stacked
-        # Graphs need a path that never waits on the GPU: the per-expert loop reads group sizes.
-        self.graphs = self.device.type == "cuda" and _has_grouped_mm("cuda", dtype)
+        # Graphs need a path that never waits on the GPU: the per-expert loop reads group sizes,
+        # and so does PyTorch's own grouped matmul outside bf16.
+        self.graphs = self.device.type == "cuda" and dtype == torch.bfloat16 and _has_grouped_mm("cuda", dtype)
         self._graphs: dict[tuple, _Graph] = {}
         self._graph_pool = None
 
@@ -163,39 +167,29 @@ class GpuMoELoRA:
         T, k = topk_ids.shape
         Eg, H, I = g.gate_up.shape[0], g.gate_up.shape[2], g.down.shape[2]
         group = g.group[_group_ids(topk_ids, g)].reshape(-1)  # [P = T·k]; Eg: not run here
-        order = torch.argsort(group, stable=True)  # rows grouped by resident expert
-        group = group[order]
-        ends = _group_ends(group, Eg)
+        lora = self._stacked(layer, g) if token_slots is not None and len(self.slots) else None
+        if lora is None:
+            key, per_expert = group, 1
+        else:  # rows grouped by expert, and within each expert by adapter (no adapter first)
+            per_expert = len(lora.sources) + 1
+            key = group * per_expert + 1 + token_slots[:, None].expand(T, k).reshape(-1)
+        order = torch.argsort(key, stable=True)
+        key = key[order]
+        ends = _group_ends(key // per_expert, Eg)
         tokens = order // k
         xs = x[tokens].to(self.dtype)  # [P, H]
-        lora = self._lora_rows(layer, g, token_slots, tokens, group)
         gu = grouped_mm(xs, g.gate_up, ends).float()  # [P, 2I]
         if lora is not None:
-            stacked, rows, lora_ends, kept = lora
-            delta = grouped_mm(grouped_mm(xs[rows], stacked.a_gate_up, lora_ends), stacked.b_gate_up, lora_ends)
-            gu[rows] += torch.where(kept, delta.float(), 0.0)
+            lora_ends = _group_ends(key, Eg * per_expert)
+            gu += grouped_mm(grouped_mm(xs, lora.a_gate_up, lora_ends), lora.b_gate_up, lora_ends).float()
         h = (F.silu(gu[:, :I]) * gu[:, I:]).to(self.dtype)  # [P, I]
         d = grouped_mm(h, g.down, ends).float()  # [P, H]
         if lora is not None:
-            delta = grouped_mm(grouped_mm(h[rows], stacked.a_down, lora_ends), stacked.b_down, lora_ends)
-            d[rows] += torch.where(kept, delta.float(), 0.0)
-        run_here = (group < Eg)[:, None]
-        d = torch.where(run_here, d * topk_weights.reshape(-1)[order, None].float(), 0.0)
+            d += grouped_mm(grouped_mm(h, lora.a_down, lora_ends), lora.b_down, lora_ends).float()
+        run_here = (key < Eg * per_expert)[:, None]
+        d = torch.where(run_here, d * topk_weights.reshape(-1)[order, None].float(), 0.0)  # rows past the groups are garbage
         y = torch.empty_like(d).index_copy_(0, order, d)  # back to pair order
         return y.view(T, k, H).sum(1)  # a fixed order: no atomics, the same bits every run
-
-    def _lora_rows(self, layer: int, g: GpuLayer, token_slots, tokens, group):
-        """The stacked LoRA, the permutation of the P rows that groups them by (slot, expert),
-        the group ends, and which permuted rows have a LoRA at all; None without adapters."""
-        if token_slots is None or len(self.slots) == 0:
-            return None
-        stacked = self._stacked(layer, g)
-        Eg = len(g.resident)
-        slots = token_slots[tokens]  # [P]
-        key = torch.where((slots >= 0) & (group < Eg), slots * Eg + group, stacked.a_gate_up.shape[0])
-        rows = torch.argsort(key, stable=True)
-        key = key[rows]
-        return stacked, rows, _group_ends(key, stacked.a_gate_up.shape[0]), (key < stacked.a_gate_up.shape[0])[:, None]
 
     def _stacked(self, layer: int, g: GpuLayer) -> GpuLoRA:
         sources = tuple(self.slots.layer(layer))
@@ -217,10 +211,10 @@ class _Graph:
 
 
 def _group_ends(sorted_groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """int32 end row of each group 0 .. num_groups-1 in rows sorted by group (no host sync,
-    unlike bincount on CUDA)."""
+    """int32 end row of each group 0 .. num_groups-1 in rows sorted by group; larger values are
+    rows of no group (no host sync, unlike bincount on CUDA)."""
     counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=sorted_groups.device)
-    counts.scatter_add_(0, sorted_groups, torch.ones_like(sorted_groups))
+    counts.scatter_add_(0, sorted_groups.clamp(max=num_groups), torch.ones_like(sorted_groups))  # past the end: skipped
     return counts[:num_groups].cumsum(0).to(torch.int32)
 
 
