@@ -1,6 +1,12 @@
-"""Whole tiny models with experts split between the GPU and the CPU: the hybrid logits equal the
-all-CPU logits (fp32: 1e-4 relative; bf16: 3e-2) for every family and placement, with two
-adapters and no adapter mixed in one batch. Needs a CUDA GPU (scripts/device_check.sh)."""
+"""Whole tiny models with experts split between the GPU and the CPU, for every family and
+placement, with two adapters and no adapter mixed in one batch. Needs a CUDA GPU
+(scripts/device_check.sh).
+
+fp32: the hybrid model's logits equal the all-CPU model's within 1e-4 relative. bf16: each MoE
+layer's output inside the hybrid model equals the all-CPU engine's on the same inputs within
+2e-2. Whole-model bf16 logits are not compared: the non-expert layers round differently on the
+GPU and the CPU, and in tiny random models that flips near-tied routing choices.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from .conftest import FAMILIES, rel_err
 from .test_integration import prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
+TOLERANCE = {"fp32": 1e-4}
 
 
 def masks(strategy: str, base, count: int):
@@ -41,23 +47,46 @@ def adapters(tmp_path_factory, fused_adapter):
     return make
 
 
+PLACEMENTS = lambda E: (("prefix", E // 2), ("uniform", E // 4 or 1), ("frequency", E // 2), ("random", E - 1), ("prefix", E), ("prefix", 0))  # noqa: E731
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["fp32", "bf16"])
-def test_hybrid_model_equals_all_cpu(family, method, model_dir, adapters):
+def test_hybrid_model_equals_all_cpu_fp32(family, model_dir, adapters):
     base, ads = adapters(family)
     ids = prompt(3, 6, seed=3)
     names = ["math", "v4", None]
-    cpu = load_model(model_dir(family), method, adapters=ads, threads=2)
+    cpu = load_model(model_dir(family), "fp32", adapters=ads, threads=2)
     cpu.use(names)
     with torch.no_grad():
-        expected = cpu.model(input_ids=ids).logits.float()
-    E = base.num_experts
-    for strategy, count in (("prefix", E // 2), ("uniform", E // 4 or 1), ("frequency", E // 2), ("random", E - 1), ("prefix", E), ("prefix", 0)):
-        hybrid = load_model(model_dir(family), method, adapters=ads, threads=2, device="cuda", gpu_masks=masks(strategy, base, count))
+        expected = cpu.model(input_ids=ids).logits
+    for strategy, count in PLACEMENTS(base.num_experts):
+        hybrid = load_model(model_dir(family), "fp32", adapters=ads, threads=2, device="cuda", gpu_masks=masks(strategy, base, count))
         hybrid.use(names)
         with torch.no_grad():
-            got = hybrid.model(input_ids=ids.cuda()).logits.float().cpu()
-        assert rel_err(got, expected) < TOLERANCE[method], (strategy, count)
+            got = hybrid.model(input_ids=ids.cuda()).logits.cpu()
+        assert rel_err(got, expected) < TOLERANCE["fp32"], (strategy, count)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hybrid_moe_layers_equal_all_cpu_bf16(family, model_dir, adapters):
+    base, ads = adapters(family)
+    ids = prompt(3, 6, seed=3)
+    names = ["math", "v4", None]
+    cpu = load_model(model_dir(family), "bf16", adapters=ads, threads=2)
+    for strategy, count in PLACEMENTS(base.num_experts):
+        hybrid = load_model(model_dir(family), "bf16", adapters=ads, threads=2, device="cuda", gpu_masks=masks(strategy, base, count))
+        hybrid.use(names)
+        calls = []
+        for L in base.moe_layers:
+            experts = hybrid.model.get_submodule(f"model.layers.{L}.mlp.experts")
+            experts.register_forward_hook(lambda m, args, out, L=L: calls.append((L, [a.cpu() for a in args], out.cpu())))
+        with torch.no_grad():
+            hybrid.model(input_ids=ids.cuda())
+        assert [L for L, _, _ in calls] == list(base.moe_layers)
+        slots = cpu.engine.token_slots(names).repeat_interleave(ids.shape[1])
+        for L, (x, top_k_index, top_k_weights), out in calls:
+            expected = cpu.engine.forward(L, x, top_k_index, top_k_weights, slots)
+            assert rel_err(out, expected) < 2e-2, (strategy, count, L)
 
 
 def test_hybrid_generate_matches_all_cpu_greedy(model_dir, adapters):
