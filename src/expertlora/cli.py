@@ -214,7 +214,7 @@ def profile(
     adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "--kt-moe-lora-path", help="[NAME=]PATH of an adapter (any format inspect reads); repeat for several.")] = None,
     use: Annotated[Optional[str], typer.Option("--use", help="The adapter the prompts run with, by NAME, or none. Default: the first --adapter.")] = None,
     method: Annotated[str, typer.Option("--method", "--kt-moe-sft-method", "--kt-method", help="Expert storage: fp32, bf16, int8 or int4.")] = "bf16",
-    threads: Annotated[Optional[int], typer.Option("--threads", "--kt-cpuinfer", help="CPU threads for the experts (default: all cores; one fewer with --device cuda).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", "--kt-cpuinfer", help="CPU threads for the experts (default: all cores).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens generated after each prompt (0: prefill only).")] = 16,
     progress: ProgressOpt = True,
 ):
