@@ -166,3 +166,20 @@ def test_hybrid_without_adapters_and_with_none_tokens(worker):
     ref = reference_moe(x, ids, w, gate, up, down, [None] * 5)
     assert rel(hybrid.forward(LAYER, x, ids, w, None), ref) < 1e-5
     assert rel(hybrid.forward(LAYER, x, ids, w, torch.full((5,), NO_ADAPTER)), ref) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("count", [0, 4, E])
+def test_hybrid_results_do_not_share_buffers(device, count):
+    """The hybrid reuses host buffers between layer calls: a result must survive the next call."""
+    gate, up, down = make_weights(E, H, I)
+    cpu = MoELoRAEngine({LAYER: ExpertWeights.from_tensors(gate, up, down, "bf16")}, threads=2, kernel="torch")
+    gpu = GpuMoELoRA(device, torch.bfloat16)
+    gpu.add_layer(LAYER, torch.cat((gate, up), 1), down, _masks("prefix", count)[LAYER])
+    hybrid = HybridMoE(cpu, gpu)
+    first_ids, first_w = routing(3, E, K, seed=1)
+    first = hybrid.forward(LAYER, torch.randn(3, H).to(device, torch.bfloat16), first_ids.to(device), first_w.to(device))
+    kept = first.clone()
+    ids, w = routing(3, E, K, seed=2)
+    hybrid.forward(LAYER, torch.randn(3, H).to(device, torch.bfloat16), ids.to(device), w.to(device))
+    assert torch.equal(first, kept)

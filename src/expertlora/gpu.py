@@ -35,6 +35,7 @@ class GpuLayer:
     """One layer's resident experts."""
 
     group: torch.Tensor  # [E + 1] int64: expert id -> resident index; Eg (skip) for the rest and for id E
+    elsewhere: torch.Tensor  # [E + 1] int64: expert id, or -1 where resident here (and for id E)
     resident: torch.Tensor  # [Eg] int64 expert ids, on the CPU
     gate_up: torch.Tensor  # [Eg, 2I, H]
     down: torch.Tensor  # [Eg, H, I]
@@ -109,8 +110,9 @@ class GpuMoELoRA:
         resident = mask.nonzero().squeeze(1)
         group = torch.full((E + 1,), len(resident), dtype=torch.int64)
         group[resident] = torch.arange(len(resident))
+        elsewhere = torch.cat((torch.arange(E).masked_fill(mask, -1), torch.tensor([-1])))
         self.layers[layer] = GpuLayer(
-            group.to(self.device), resident,
+            group.to(self.device), elsewhere.to(self.device), resident,
             gate_up.index_select(0, resident).to(self.device, self.dtype).contiguous(),
             down.index_select(0, resident).to(self.device, self.dtype).contiguous(),
         )
@@ -118,10 +120,10 @@ class GpuMoELoRA:
     def num_resident(self, layer: int) -> int:
         return len(self.layers[layer].resident)
 
-    def resident(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """[T, k] bool: which routed pairs this backend runs."""
+    def elsewhere(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """[T, k] the ids of the pairs this backend does not run; -1 for the ones it runs."""
         g = self.layers[layer]
-        return g.group[_group_ids(topk_ids, g)] < len(g.resident)
+        return g.elsewhere[_group_ids(topk_ids, g)]
 
     def forward(
         self,

@@ -35,6 +35,7 @@ class HybridMoE:
         self.layers = cpu.layers
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts") if worker else None
         self._host: dict[str, torch.Tensor] = {}  # pinned staging buffers, grown as needed
+        self._slots_source = self._slots_device = None
 
     def load_adapter(self, name: str, adapter: ExpertLoRA) -> int:
         return self.cpu.load_adapter(name, adapter)
@@ -58,35 +59,41 @@ class HybridMoE:
     ) -> torch.Tensor:  # [T, H] in x's dtype
         E = self.cpu.slots.shape[0]
         on_gpu = self.gpu.num_resident(layer)
+        if on_gpu == 0:
+            return self._cpu_part(layer, x, topk_ids, topk_weights, token_slots)().to(x.device, non_blocking=True)
         cpu_part = None
         if on_gpu < E:
-            cpu_ids = topk_ids if on_gpu == 0 else topk_ids.masked_fill(self.gpu.resident(layer, topk_ids), -1)
-            cpu_part = self._cpu_part(layer, x, cpu_ids, topk_weights, token_slots)
+            cpu_part = self._cpu_part(layer, x, self.gpu.elsewhere(layer, topk_ids), topk_weights, token_slots)
             if self._worker is not None:
                 cpu_part = self._worker.submit(cpu_part).result
-        if on_gpu:
-            slots = None if token_slots is None else token_slots.to(x.device, non_blocking=True)
-            y = self.gpu.forward(layer, x, topk_ids, topk_weights, slots)
-        else:
-            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        y = self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device))
         if cpu_part is not None:
             y += cpu_part().to(x.device, non_blocking=True)
         return y.to(x.dtype)
 
+    def _on_device(self, token_slots: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """The slots on the GPU, copied once per forward: every layer gets the same tensor."""
+        if token_slots is None or token_slots.device == device:
+            return token_slots
+        if self._slots_source is not token_slots:
+            self._slots_source, self._slots_device = token_slots, token_slots.to(device, non_blocking=True)
+        return self._slots_device
+
     def _cpu_part(self, layer, x, ids, weights, token_slots):
         """Queue the host copies of the CPU engine's inputs; returns the call that waits for
-        them and runs the engine, giving its [T, H] result in a host buffer."""
+        them and runs the engine, giving its [T, H] result (in a pinned buffer with a GPU)."""
         x_h, ids_h, w_h = (self._staged(name, t) for name, t in (("x", x), ("ids", ids), ("w", weights)))
-        copied = None
+        copied = out = None
         if x.is_cuda:
             copied = torch.cuda.Event()
             copied.record()
-        out = self._buffer("y", x.shape, x.dtype)
+            out = self._buffer("y", x.shape, x.dtype)  # pinned, for the copy back
 
         def run():
             if copied is not None:
                 copied.synchronize()  # the host copies above have landed, not the GPU part queued after them
-            return out.copy_(self.cpu.forward(layer, x_h, ids_h, w_h, token_slots))
+            y = self.cpu.forward(layer, x_h, ids_h, w_h, token_slots)
+            return y if out is None else out.copy_(y)
 
         return run
 
