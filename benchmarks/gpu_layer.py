@@ -229,6 +229,8 @@ def hybrid_part(args) -> list[dict]:
             for j, (what, fn) in enumerate(times.items()):
                 row[what] = wall_ms(lambda i, fn=fn, j=j: fn(j * (calls + args.warmup) + i), calls, args.warmup)
             row["overlap"] = row["hybrid"] / max(row["cpu"], row["gpu"])
+            if args.profile and share == 50 and T == 1:
+                profile_calls(lambda i: hybrid.forward(L(i), x_gpu, *gpu_rts[i], slots_cpu), calls)
             rows.append(row)
             print(f"hybrid {share:3d}% T={T:4d}: hybrid {row['hybrid']:.3f} ms (worker thread {row['threaded']:.3f}), "
                   f"CPU part {row['cpu']:.3f}, GPU part {row['gpu']:.3f}, "
@@ -236,6 +238,18 @@ def hybrid_part(args) -> list[dict]:
         del cpu, gpu, hybrid, threaded
         empty_cache()
     return rows
+
+
+def profile_calls(fn, calls: int) -> None:
+    """Where a hybrid decode call's time goes: torch.profiler's table, host and device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(calls):
+            fn(i)
+        sync()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
 
 
 def _gpu_line(r: dict) -> str:
@@ -273,6 +287,7 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="CPU engine threads in the hybrid part (default: cores - 1)")
     p.add_argument("--cache-mb", type=int, default=300, help="the CPU's L3 in MiB (the hybrid part's rotation covers 4x)")
     p.add_argument("--hybrid-shape", default="qwen3-30b-a3b")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's table for the hybrid layer at 50%% and 1 token")
     p.add_argument("--device", default="cuda", help="cuda; cpu only checks the script (with --shapes tiny --hybrid-shape tiny)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args()
