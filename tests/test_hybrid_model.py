@@ -98,3 +98,4 @@ def test_hybrid_generate_matches_all_cpu_greedy(model_dir, adapters):
                         gpu_masks=masks("uniform", base, base.num_experts // 2))
     sampling = Sampling(max_new_tokens=8, ignore_eos=True)
     assert generate(hybrid, [5, 9, 11], "math", sampling).token_ids == generate(cpu, [5, 9, 11], "math", sampling).token_ids
+
