@@ -29,8 +29,7 @@ from datetime import date
 
 import torch
 
-from expertlora.engine import MoELoRAEngine, available_cores
-from expertlora.experts import ExpertWeights
+from expertlora.engine import available_cores
 from expertlora.gpu import GpuMoELoRA
 from expertlora.hybrid import HybridMoE
 from expertlora.placement import gpu_masks
@@ -202,11 +201,8 @@ def hybrid_part(args) -> list[dict]:
     for share in SHARES:
         count = round(share / 100 * E)
         masks = gpu_masks(E, list(tensors), count, "uniform")
-        cpu = MoELoRAEngine({L: ExpertWeights.from_gate_up(*t, "bf16") for L, t in tensors.items()}, threads=threads)
-        gpu = GpuMoELoRA(DEVICE, torch.bfloat16)
-        for L, (gate_up, down) in tensors.items():
-            gpu.add_layer(L, gate_up, down, masks[L])
-        hybrid = HybridMoE(cpu, gpu)
+        hybrid = HybridMoE.build(((L, *t) for L, t in tensors.items()), masks, "bf16", device=DEVICE, threads=threads)
+        cpu, gpu = hybrid.cpu, hybrid.gpu
         threaded = HybridMoE(cpu, gpu, worker=True)  # the same engines, the CPU part on a worker thread
         hybrid.load_adapter("a", adapter)
         for T in [int(t) for t in args.tokens.split(",")]:
@@ -215,7 +211,7 @@ def hybrid_part(args) -> list[dict]:
             x = torch.randn(T, H, dtype=torch.bfloat16)
             x_gpu = x.to(DEVICE)
             gpu_rts = [(ids.to(DEVICE), w.to(DEVICE)) for ids, w in rts]
-            cpu_rts = [(ids.masked_fill(masks[0][ids], -1), w) for ids, w in rts]  # uniform masks are alike per layer
+            cpu_rts = [(gpu.elsewhere(0, ids.to(DEVICE)).cpu(), w) for ids, w in rts]  # uniform masks are alike per layer
             slots_cpu = torch.zeros(T, dtype=torch.long)
             slots_gpu = slots_cpu.to(DEVICE)
             L = lambda i: i % n_layers  # noqa: E731

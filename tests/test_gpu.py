@@ -136,10 +136,9 @@ def test_hybrid_equals_all_cpu(device, method, strategy, count):
     gate, up, down = make_weights(E, H, I)
     weights = ExpertWeights.from_tensors(gate, up, down, method)
     cpu_alone = MoELoRAEngine({LAYER: weights}, threads=2, kernel="torch")
-    cpu_part = MoELoRAEngine({LAYER: weights}, threads=2, kernel="torch")
-    gpu = GpuMoELoRA(device, DTYPES[method])
-    gpu.add_layer(LAYER, torch.cat((gate, up), 1), down, _masks(strategy, count)[LAYER])
-    hybrid = HybridMoE(cpu_part, gpu)
+    mask = _masks(strategy, count)[LAYER]
+    hybrid = HybridMoE.build([(LAYER, torch.cat((gate, up), 1), down)], {LAYER: mask}, method, device=device, threads=2)
+    assert hybrid.cpu.layers[LAYER].num_experts == E - count  # the CPU holds only its own experts
     for name, adapter in adapters().items():
         cpu_alone.load_adapter(name, adapter)
         hybrid.load_adapter(name, adapter)
@@ -156,11 +155,8 @@ def test_hybrid_equals_all_cpu(device, method, strategy, count):
 @pytest.mark.parametrize("worker", [False, True])
 def test_hybrid_without_adapters_and_with_none_tokens(worker):
     gate, up, down = make_weights(E, H, I)
-    weights = ExpertWeights.from_tensors(gate, up, down, "fp32")
-    cpu = MoELoRAEngine({LAYER: weights}, threads=2, kernel="torch")
-    gpu = GpuMoELoRA("cpu", torch.float32)
-    gpu.add_layer(LAYER, torch.cat((gate, up), 1), down, _masks("prefix", 4)[LAYER])
-    hybrid = HybridMoE(cpu, gpu, worker=worker)
+    hybrid = HybridMoE.build([(LAYER, torch.cat((gate, up), 1), down)], _masks("prefix", 4), "fp32", device="cpu", threads=2,
+                             worker=worker, kernel="torch")
     ids, w = routing(5, E, K, seed=3)
     x = torch.randn(5, H)
     ref = reference_moe(x, ids, w, gate, up, down, [None] * 5)
@@ -173,13 +169,19 @@ def test_hybrid_without_adapters_and_with_none_tokens(worker):
 def test_hybrid_results_do_not_share_buffers(device, count):
     """The hybrid reuses host buffers between layer calls: a result must survive the next call."""
     gate, up, down = make_weights(E, H, I)
-    cpu = MoELoRAEngine({LAYER: ExpertWeights.from_tensors(gate, up, down, "bf16")}, threads=2, kernel="torch")
-    gpu = GpuMoELoRA(device, torch.bfloat16)
-    gpu.add_layer(LAYER, torch.cat((gate, up), 1), down, _masks("prefix", count)[LAYER])
-    hybrid = HybridMoE(cpu, gpu)
+    hybrid = HybridMoE.build([(LAYER, torch.cat((gate, up), 1), down)], _masks("prefix", count), "bf16", device=device, threads=2, kernel="torch")
     first_ids, first_w = routing(3, E, K, seed=1)
     first = hybrid.forward(LAYER, torch.randn(3, H).to(device, torch.bfloat16), first_ids.to(device), first_w.to(device))
     kept = first.clone()
     ids, w = routing(3, E, K, seed=2)
     hybrid.forward(LAYER, torch.randn(3, H).to(device, torch.bfloat16), ids.to(device), w.to(device))
     assert torch.equal(first, kept)
+
+
+def test_hybrid_refuses_a_cpu_engine_that_holds_other_experts():
+    gate, up, down = make_weights(E, H, I)
+    cpu = MoELoRAEngine({LAYER: ExpertWeights.from_tensors(gate, up, down, "fp32")}, threads=2, kernel="torch")
+    gpu = GpuMoELoRA("cpu", torch.float32)
+    gpu.add_layer(LAYER, torch.cat((gate, up), 1), down, _masks("prefix", 3)[LAYER])
+    with pytest.raises(ValueError, match="layer 2: the CPU engine must hold exactly the experts that are not on the GPU"):
+        HybridMoE(cpu, gpu)

@@ -41,8 +41,13 @@ class MoELoRAEngine:
         threads: int | None = None,
         kernel: str = "auto",
         onednn_from: float | None = None,
+        experts: dict[int, torch.Tensor] | None = None,
+        num_experts: int | None = None,
     ):
         """``kernel``: ``auto`` (compiled where it builds), ``compiled`` or ``torch``.
+        ``experts``: per layer, the model's ids of the experts ``layers`` holds, where it holds
+        only some (the CPU side of the hybrid, called with ids in that order); ``num_experts``
+        is then the model's expert count, which adapters have.
         ``onednn_from``: bf16 batches with at least this many tokens per expert run on
         PyTorch's matmuls, which use AMX through oneDNN; by default 96 where the CPU has
         AMX (measured on the device's Xeon: 128 tokens per expert ran 2.4x faster there,
@@ -50,9 +55,11 @@ class MoELoRAEngine:
         if not layers:
             raise ValueError("the engine needs at least one MoE layer")
         first = next(iter(layers.values()))
-        shape = (first.num_experts, first.hidden_size, first.intermediate_size)
+        experts = experts or {}
+        shape = (num_experts or first.num_experts, first.hidden_size, first.intermediate_size)
         for L, w in layers.items():
-            if (w.num_experts, w.hidden_size, w.intermediate_size) != shape or w.method != first.method:
+            held = len(experts[L]) if L in experts else shape[0]
+            if (w.num_experts, w.hidden_size, w.intermediate_size) != (held, *shape[1:]) or w.method != first.method:
                 raise ValueError(f"layer {L}: experts differ from the first layer's ({first.method}, E/H/I {shape})")
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
@@ -61,7 +68,7 @@ class MoELoRAEngine:
         self.threads = threads or available_cores()
         # Activations and LoRA run in fp32 with fp32 weights, else in bf16 (fp32 accumulation).
         self.act_dtype = torch.float32 if self.method == "fp32" else torch.bfloat16
-        self.slots = AdapterSlots(*shape, self.act_dtype)
+        self.slots = AdapterSlots(*shape, self.act_dtype, experts)
         self._kernel = None if kernel == "torch" else _compiled(first, required=kernel == "compiled")
         if onednn_from is None and self.method == "bf16" and has_amx():
             onednn_from = AMX_TOKENS_PER_EXPERT
@@ -100,7 +107,7 @@ class MoELoRAEngine:
         if token_slots is None:
             token_slots = torch.full((T,), NO_ADAPTER, dtype=torch.int64)
         self._check(x, topk_ids, topk_weights, token_slots, weights)
-        if self._kernel is None or self._onednn(topk_ids):
+        if self._kernel is None or self._onednn(topk_ids, weights.num_experts):
             y = moe_forward_torch(weights, x, topk_ids, topk_weights, token_slots, self.slots.layer(layer))
         else:
             y = self._kernel(
@@ -115,9 +122,9 @@ class MoELoRAEngine:
             )
         return y.to(x.dtype)
 
-    def _onednn(self, topk_ids: torch.Tensor) -> bool:
+    def _onednn(self, topk_ids: torch.Tensor, num_experts: int) -> bool:
         """Large bf16 batches: oneDNN's AMX matmuls beat the kernel's AVX-512 dot products."""
-        return self.onednn_from is not None and topk_ids.numel() / self.slots.shape[0] >= self.onednn_from
+        return self.onednn_from is not None and topk_ids.numel() / max(num_experts, 1) >= self.onednn_from
 
     def _check(self, x, topk_ids, topk_weights, token_slots, weights: ExpertWeights) -> None:
         T = x.shape[0]

@@ -35,7 +35,7 @@ class GpuLayer:
     """One layer's resident experts."""
 
     group: torch.Tensor  # [E + 1] int64: expert id -> resident index; Eg (skip) for the rest and for id E
-    elsewhere: torch.Tensor  # [E + 1] int64: expert id, or -1 where resident here (and for id E)
+    elsewhere: torch.Tensor  # [E + 1] int64: expert id -> its index among the experts not resident here, -1 if resident (and for id E)
     resident: torch.Tensor  # [Eg] int64 expert ids, on the CPU
     gate_up: torch.Tensor  # [Eg, 2I, H]
     down: torch.Tensor  # [Eg, H, I]
@@ -49,28 +49,28 @@ class GpuLoRA:
     then serve both the base's groups and these, in the same order. Gate and up share one
     shrink; their B's sit side by side in one expand."""
 
-    sources: tuple[SlotLoRA, ...]  # what it was built from: rebuilt when a slot changes
+    sources: tuple  # the adapter in each slot (None: empty) it was built from: rebuilt when a slot changes
     a_gate_up: torch.Tensor  # [Eg·(S+1), R, H]
     b_gate_up: torch.Tensor  # [Eg·(S+1), 2I, R]  scaling folded in
     a_down: torch.Tensor  # [Eg·(S+1), R, I]
     b_down: torch.Tensor  # [Eg·(S+1), H, R]
 
     @classmethod
-    def stack(cls, slots: list[SlotLoRA], resident: torch.Tensor, device: torch.device, dtype: torch.dtype) -> GpuLoRA:
-        Eg, S = len(resident), len(slots)
+    def stack(cls, sources: tuple, slots: list[SlotLoRA], device: torch.device, dtype: torch.dtype) -> GpuLoRA:
+        """``slots``: each slot's LoRA on the resident experts, in slot order."""
+        Eg, S = slots[0].a_gate_up.shape[0], len(slots)
         H, I = slots[0].a_gate_up.shape[2], slots[0].bt_gate.shape[2]
         R = _padded(max(max(s.a_gate_up.shape[1], s.a_down.shape[1]) for s in slots))
         a_gu, b_gu = torch.zeros(Eg, S + 1, R, H, dtype=dtype), torch.zeros(Eg, S + 1, 2 * I, R, dtype=dtype)
         a_d, b_d = torch.zeros(Eg, S + 1, R, I, dtype=dtype), torch.zeros(Eg, S + 1, H, R, dtype=dtype)
         for j, s in enumerate(slots, start=1):
-            pick = lambda t: t.index_select(0, resident)  # noqa: E731
             rg, rgu, rd = s.gate_rank, s.a_gate_up.shape[1], s.a_down.shape[1]
-            a_gu[:, j, :rgu] = pick(s.a_gate_up)
-            b_gu[:, j, :I, :rg] = pick(s.bt_gate).transpose(1, 2)
-            b_gu[:, j, I:, rg:rgu] = pick(s.bt_up).transpose(1, 2)
-            a_d[:, j, :rd] = pick(s.a_down)
-            b_d[:, j, :, :rd] = pick(s.bt_down).transpose(1, 2)
-        return cls(tuple(slots), *(t.flatten(0, 1).to(device) for t in (a_gu, b_gu, a_d, b_d)))
+            a_gu[:, j, :rgu] = s.a_gate_up
+            b_gu[:, j, :I, :rg] = s.bt_gate.transpose(1, 2)
+            b_gu[:, j, I:, rg:rgu] = s.bt_up.transpose(1, 2)
+            a_d[:, j, :rd] = s.a_down
+            b_d[:, j, :, :rd] = s.bt_down.transpose(1, 2)
+        return cls(sources, *(t.flatten(0, 1).to(device) for t in (a_gu, b_gu, a_d, b_d)))
 
 
 def _padded(rank: int) -> int:
@@ -110,7 +110,8 @@ class GpuMoELoRA:
         resident = mask.nonzero().squeeze(1)
         group = torch.full((E + 1,), len(resident), dtype=torch.int64)
         group[resident] = torch.arange(len(resident))
-        elsewhere = torch.cat((torch.arange(E).masked_fill(mask, -1), torch.tensor([-1])))
+        elsewhere = torch.full((E + 1,), -1, dtype=torch.int64)
+        elsewhere[(~mask).nonzero().squeeze(1)] = torch.arange(E - len(resident))
         self.layers[layer] = GpuLayer(
             group.to(self.device), elsewhere.to(self.device), resident,
             gate_up.index_select(0, resident).to(self.device, self.dtype).contiguous(),
@@ -121,7 +122,8 @@ class GpuMoELoRA:
         return len(self.layers[layer].resident)
 
     def elsewhere(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """[T, k] the ids of the pairs this backend does not run; -1 for the ones it runs."""
+        """[T, k] the pairs this backend does not run, as indices among the experts it does not
+        hold (the CPU engine holds just those, in id order); -1 for the pairs it runs."""
         g = self.layers[layer]
         return g.elsewhere[_group_ids(topk_ids, g)]
 
@@ -194,10 +196,12 @@ class GpuMoELoRA:
         return y.view(T, k, H).sum(1)  # a fixed order: no atomics, the same bits every run
 
     def _stacked(self, layer: int, g: GpuLayer) -> GpuLoRA:
-        sources = tuple(self.slots.layer(layer))
+        sources = tuple(self.slots.by_slot())
         cached = self._loras.get(layer)
         if cached is None or len(cached.sources) != len(sources) or any(a is not b for a, b in zip(cached.sources, sources)):
-            cached = GpuLoRA.stack(list(sources), g.resident, self.device, self.dtype)  # on first use, after a change
+            E, H, I = self.slots.shape
+            forms = [SlotLoRA.from_layer(a.layers.get(layer) if a else None, E, H, I, self.dtype).select(g.resident) for a in sources]
+            cached = GpuLoRA.stack(sources, forms, self.device, self.dtype)  # on first use, after a change
             self._loras[layer] = cached
             self._graphs = {key: graph for key, graph in self._graphs.items() if key[0] != layer}
         return cached

@@ -1,8 +1,9 @@
 """The hybrid executor: each MoE layer's routed pairs split between the GPU and the CPU engine.
 
 Per layer call, in this order:
-  1. the pairs whose expert is not resident on the GPU go to the host: x, their ids (resident
-     ones set to -1) and the weights are copied into pinned buffers without blocking;
+  1. the pairs whose expert is not resident on the GPU go to the host: x, their ids (as indices
+     among the CPU engine's experts, which are only the non-resident ones; resident ones -1)
+     and the weights are copied into pinned buffers without blocking;
   2. the GPU backend's work for the resident pairs is queued on the current stream (it never
      waits on the GPU; at decode it is one CUDA graph replay);
   3. the CPU engine runs its pairs as soon as the copies have landed, while the GPU works;
@@ -16,13 +17,16 @@ with both parts on the CPU (CI checks the split that way).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .engine import MoELoRAEngine
+from .engine import MoELoRAEngine, available_cores
+from .experts import ExpertWeights
 from .gpu import GpuMoELoRA
 from .lora import ExpertLoRA
+from .quantize import DEFAULT_GROUP_SIZE
 
 
 class HybridMoE:
@@ -30,12 +34,49 @@ class HybridMoE:
     adapter slots."""
 
     def __init__(self, cpu: MoELoRAEngine, gpu: GpuMoELoRA, worker: bool = False):
+        """``cpu`` holds, per layer, exactly the experts ``gpu`` does not (see ``build``)."""
+        E = cpu.slots.shape[0]
+        for L, g in gpu.layers.items():
+            held = cpu.slots.experts.get(L, torch.arange(E))
+            if not torch.equal(held, (g.elsewhere[:E] >= 0).nonzero().squeeze(1).cpu()):
+                raise ValueError(f"layer {L}: the CPU engine must hold exactly the experts that are not on the GPU")
         gpu.slots = cpu.slots  # one set of adapters: a slot means the same adapter on both sides
         self.cpu, self.gpu, self.slots = cpu, gpu, cpu.slots
         self.layers = cpu.layers
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts") if worker else None
         self._host: dict[str, torch.Tensor] = {}  # pinned staging buffers, grown as needed
         self._slots_source = self._slots_device = None
+
+    @classmethod
+    def build(
+        cls,
+        layers: Iterable[tuple[int, torch.Tensor, torch.Tensor]],  # (L, gate_up [E, 2I, H], down [E, H, I]), full precision
+        masks: dict[int, torch.Tensor],  # L -> [E] bool: on the GPU (a layer without a mask: none)
+        method: str = "bf16",
+        group_size: int = DEFAULT_GROUP_SIZE,
+        device: str | torch.device = "cuda",
+        threads: int | None = None,
+        worker: bool = False,
+        kernel: str = "auto",
+    ) -> HybridMoE:
+        """Split each layer as it comes (one layer in memory at full precision): the experts of
+        its mask copied to the GPU in bf16 (fp32 for the fp32 method), the others stored in
+        ``method`` for the CPU engine, which holds nothing else."""
+        gpu = GpuMoELoRA(device, torch.float32 if method == "fp32" else torch.bfloat16)
+        cpu_layers, cpu_experts, E = {}, {}, None
+        for L, gate_up, down in layers:
+            E = gate_up.shape[0]
+            mask = masks.get(L, torch.zeros(E, dtype=torch.bool)).to("cpu", torch.bool)
+            gpu.add_layer(L, gate_up, down, mask)
+            held = (~mask).nonzero().squeeze(1)
+            if len(held) < E:
+                gate_up, down = gate_up.index_select(0, held), down.index_select(0, held)
+            cpu_layers[L] = ExpertWeights.from_gate_up(gate_up, down, method, group_size)
+            cpu_experts[L] = held
+        # One core stays free for the thread that drives the GPU.
+        cpu = MoELoRAEngine(cpu_layers, threads=threads or max(1, available_cores() - 1), kernel=kernel,
+                            experts=cpu_experts, num_experts=E)
+        return cls(cpu, gpu, worker)
 
     def load_adapter(self, name: str, adapter: ExpertLoRA) -> int:
         return self.cpu.load_adapter(name, adapter)

@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
-from .engine import MoELoRAEngine, available_cores
-from .experts import ExpertWeights
+from .engine import MoELoRAEngine
 from .errors import AdapterError
 from .lora import ExpertLoRA
 from .quantize import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES
@@ -212,20 +211,11 @@ def _engine(ckpt: Checkpoint, method: str, backend: str, threads, group_size, wr
 
 
 def _hybrid_engine(ckpt: Checkpoint, method: str, threads, group_size: int, wrap, device: torch.device, gpu_masks):
-    from .gpu import GpuMoELoRA
     from .hybrid import HybridMoE
 
-    E, layers = ckpt.config.num_experts, ckpt.config.moe_layers
-    cpu_layers = {}
-    gpu = GpuMoELoRA(device, torch.float32 if method == "fp32" else torch.bfloat16)
-    for L in wrap(layers, "experts"):
-        gate_up, down = ckpt.expert_tensors(L)  # read once: the GPU's share is copied, the CPU's quantized
-        cpu_layers[L] = ExpertWeights.from_gate_up(gate_up, down, method, group_size)
-        gpu.add_layer(L, gate_up, down, gpu_masks.get(L, torch.zeros(E, dtype=torch.bool)))
-        del gate_up, down
-    # One core stays free for the thread that drives the GPU.
-    cpu = MoELoRAEngine(cpu_layers, threads=threads or max(1, available_cores() - 1))
-    return HybridMoE(cpu, gpu)
+    # each layer read once: the GPU's share is copied there, the rest quantized for the CPU
+    layers = ((L, *ckpt.expert_tensors(L)) for L in wrap(ckpt.config.moe_layers, "experts"))
+    return HybridMoE.build(layers, gpu_masks, method, group_size, device, threads)
 
 
 def add_adapter(loaded: LoadedModel, name: str, adapter: ExpertLoRA) -> None:

@@ -10,7 +10,7 @@ Shape legend: E = experts, H = hidden, I = intermediate, rg / ru / rd = gate / u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -34,6 +34,10 @@ class SlotLoRA:
     def gate_rank(self) -> int:
         return self.bt_gate.shape[1]
 
+    def select(self, experts: torch.Tensor) -> SlotLoRA:
+        """The LoRA of ``experts`` only, in that order."""
+        return SlotLoRA(*(getattr(self, f.name).index_select(0, experts).contiguous() for f in fields(self)))
+
     @classmethod
     def from_layer(cls, lora: LayerLoRA | None, E: int, H: int, I: int, dtype: torch.dtype) -> SlotLoRA:
         gate_a, gate_b = _scaled(lora and lora.gate, E, H, I, dtype)
@@ -53,14 +57,24 @@ def _scaled(proj: ProjLoRA | None, E: int, n_in: int, n_out: int, dtype: torch.d
 class AdapterSlots:
     """Named adapters in numbered slots; a slot keeps its number while others come and go."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        dtype: torch.dtype,
+        experts: dict[int, torch.Tensor] | None = None,
+    ):
+        """``experts``: per layer, the ids of the experts the engine holds, in its order, where it
+        holds only some (the CPU side of the hybrid); that layer's forms cover those only."""
         self.shape = (num_experts, hidden_size, intermediate_size)
         self.dtype = dtype
+        self.experts = experts or {}
         self._adapters: list[ExpertLoRA | None] = []  # slot -> adapter
         self._forms: list[dict[int, SlotLoRA]] = []  # slot -> layer -> engine form, built on first use
         self._index: dict[str, int] = {}
         self._kernel_args: dict[int, tuple[list[torch.Tensor], ...]] = {}  # cleared on load / unload
-        self._empty = SlotLoRA.from_layer(None, num_experts, hidden_size, intermediate_size, dtype)
+        self._empty: dict[int, SlotLoRA] = {}  # experts held -> rank-0 form
 
     @property
     def names(self) -> list[str]:
@@ -119,17 +133,25 @@ class AdapterSlots:
     def adapters(self) -> list[ExpertLoRA]:
         return [a for a in self._adapters if a is not None]
 
+    def by_slot(self) -> list[ExpertLoRA | None]:
+        """The adapter in each slot, None where a slot is empty."""
+        return list(self._adapters)
+
     def layer(self, layer: int) -> list[SlotLoRA]:
         """Every slot's LoRA for ``layer``, indexed by slot; empty slots have rank 0."""
         return [self._form(slot, layer) for slot in range(len(self._adapters))]
 
     def _form(self, slot: int, layer: int) -> SlotLoRA:
+        E, H, I = self.shape
         adapter = self._adapters[slot]
         if adapter is None or layer not in adapter.layers:
-            return self._empty
+            held = len(self.experts[layer]) if layer in self.experts else E
+            if held not in self._empty:
+                self._empty[held] = SlotLoRA.from_layer(None, held, H, I, self.dtype)
+            return self._empty[held]
         if layer not in self._forms[slot]:
-            E, H, I = self.shape
-            self._forms[slot][layer] = SlotLoRA.from_layer(adapter.layers[layer], E, H, I, self.dtype)
+            form = SlotLoRA.from_layer(adapter.layers[layer], E, H, I, self.dtype)
+            self._forms[slot][layer] = form.select(self.experts[layer]) if layer in self.experts else form
         return self._forms[slot][layer]
 
     def kernel_args(self, layer: int) -> tuple[list[torch.Tensor], ...]:
