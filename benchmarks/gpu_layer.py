@@ -136,11 +136,16 @@ def gpu_part(args, copy_gbs: float) -> list[dict]:
             row["lora_ms"] = wall_ms(run(ours, one), calls, args.warmup)
             row["base_ms"] = wall_ms(run(bare, None), calls, args.warmup)
             row["mixed_ms"] = wall_ms(run(ours, mixed), calls, args.warmup)
-            row["eager_ms"] = float("nan")
+            row["eager_ms"] = row["fused_ms"] = row["fused_base_ms"] = float("nan")
             if T <= 16 and DEVICE == "cuda":
                 ours.graphs = False
                 row["eager_ms"] = wall_ms(run(ours, one), calls, args.warmup)
                 ours.graphs = True
+            if T <= 16 and args.fused:  # gpu_triton's two kernels per layer (CUDA graph replay on the GPU)
+                ours.fused = bare.fused = True
+                row["fused_ms"] = wall_ms(run(ours, one), calls, args.warmup)
+                row["fused_base_ms"] = wall_ms(run(bare, None), calls, args.warmup)
+                ours.fused = bare.fused = False
             row["loop_ms"] = wall_ms(
                 lambda i: loop_forward(loop_weights[i % 2].gate_up, loop_weights[i % 2].down, loop_lora[i % 2], xs[i % 2], *rts[i % len(rts)]),
                 min(calls, 10), 2,
@@ -250,7 +255,8 @@ def profile_calls(fn, calls: int) -> None:
 
 def _gpu_line(r: dict) -> str:
     return (f"{r['shape']:17s} T={r['tokens']:4d}  LoRA {r['lora_ms']:.3f} ms  base {r['base_ms']:.3f}  x{r['lora_ms'] / r['base_ms']:.2f}  "
-            f"mixed4 x{r['mixed_ms'] / r['lora_ms']:.2f}  eager {r['eager_ms']:.3f}  loop {r['loop_ms']:.2f}  "
+            f"mixed4 x{r['mixed_ms'] / r['lora_ms']:.2f}  eager {r['eager_ms']:.3f}  fused {r['fused_ms']:.3f} (no LoRA {r['fused_base_ms']:.3f})  "
+            f"loop {r['loop_ms']:.2f}  "
             f"transformers {r['hf_ms']:.3f}  PEFT {r['peft_ms']:.2f} ({r['peft_ms'] / r['lora_ms']:.0f}x)  "
             f"{r['gbs']:.0f} GB/s ({r['copy_pct']:.0f}% of copy)")
 
@@ -259,10 +265,12 @@ def markdown(gpu_rows: list[dict], hybrid_rows: list[dict], header: str) -> str:
     out = [header, ""]
     if gpu_rows:
         out += ["| shape | tokens | ours + LoRA ms | ours no LoRA ms | LoRA / no LoRA | 4 adapters mixed / 1 | ours + LoRA, no CUDA graph ms | "
+                "fused Triton + LoRA ms | fused Triton no LoRA ms | "
                 "GB/s (% of copy) | PyTorch per-expert loop + LoRA ms | transformers grouped_mm, no LoRA ms | PEFT ms | PEFT / ours |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {r['shape']} | {r['tokens']} | {r['lora_ms']:.3f} | {r['base_ms']:.3f} | {r['lora_ms'] / r['base_ms']:.2f} | "
-                f"{r['mixed_ms'] / r['lora_ms']:.2f} | {r['eager_ms']:.3f} | {r['gbs']:.0f} ({r['copy_pct']:.0f}%) | {r['loop_ms']:.2f} | "
+                f"{r['mixed_ms'] / r['lora_ms']:.2f} | {r['eager_ms']:.3f} | {r['fused_ms']:.3f} | {r['fused_base_ms']:.3f} | "
+                f"{r['gbs']:.0f} ({r['copy_pct']:.0f}%) | {r['loop_ms']:.2f} | "
                 f"{r['hf_ms']:.3f} | {r['peft_ms']:.2f} | {r['peft_ms'] / r['lora_ms']:.0f}x |" for r in gpu_rows]
         out.append("")
     if hybrid_rows:
@@ -283,6 +291,7 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="CPU engine threads in the hybrid part (default: cores - 1)")
     p.add_argument("--cache-mb", type=int, default=300, help="the CPU's L3 in MiB (the hybrid part's rotation covers 4x)")
     p.add_argument("--hybrid-shape", default="qwen3-30b-a3b")
+    p.add_argument("--no-fused", dest="fused", action="store_false", help="skip the fused Triton kernels (needs triton)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table for the hybrid layer at 50%% and 1 token")
     p.add_argument("--device", default="cuda", help="cuda; cpu only checks the script (with --shapes tiny --hybrid-shape tiny)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")

@@ -185,3 +185,46 @@ def test_hybrid_refuses_a_cpu_engine_that_holds_other_experts():
     gpu.add_layer(LAYER, torch.cat((gate, up), 1), down, _masks("prefix", 3)[LAYER])
     with pytest.raises(ValueError, match="layer 2: the CPU engine must hold exactly the experts that are not on the GPU"):
         HybridMoE(cpu, gpu)
+
+
+@pytest.fixture
+def triton_here(monkeypatch):
+    """Triton's kernels on a GPU, or in its interpreter on the CPU (set before the first import)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_fused_kernels_match_reference(device, method, T, triton_here):
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[[1, 2, 4, 7]] = True
+    gpu, (gate, up, down), ads = backend(method, device, mask)
+    gpu.fused = True
+    ids, w = routing(T, E, K, seed=T + 10)
+    ids[0, 1] = -1
+    names = [("c", None, "b", "a")[t % 4] for t in range(T)]
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
+    slots = gpu.slots.token_slots(names)
+    y = gpu.forward(LAYER, x.to(device, DTYPES[method]), ids.to(device), w.to(device), slots.to(device))
+    ids_here = ids.masked_fill(~mask[ids.clamp(min=0)] | (ids < 0), -1)
+    ref = reference_moe(x.to(DTYPES[method]).double(), ids_here, w, gate, up, down, token_loras(names, ads))
+    assert rel(y.cpu(), ref) < TOLERANCE[method]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_tokens_without_adapter_are_bit_identical_to_base(device, triton_here):
+    mask = torch.ones(E, dtype=torch.bool)
+    with_adapters, _, _ = backend("bf16", device, mask)
+    bare, _, _ = backend("bf16", device, mask, loaded=())
+    with_adapters.fused = bare.fused = True
+    T = 6
+    ids, w = routing(T, E, K, seed=5)
+    x = torch.randn(T, H).to(device, torch.bfloat16)
+    names = [None, "a", None, "c", "b", None]
+    y = with_adapters.forward(LAYER, x, ids.to(device), w.to(device), with_adapters.slots.token_slots(names).to(device))
+    base = bare.forward(LAYER, x, ids.to(device), w.to(device), None)
+    plain = torch.tensor([n is None for n in names]).to(device)
+    assert torch.equal(y[plain], base[plain]) and not torch.equal(y[~plain], base[~plain])

@@ -28,6 +28,8 @@ RANK_MULTIPLE = 8
 # Batches up to this many tokens (decode) replay a CUDA graph per layer: at one token the work is
 # tens of microseconds and launching some thirty kernels one by one would cost more.
 GRAPH_MAX_TOKENS = 16
+# With fused=True, batches up to this many tokens run gpu_triton's two kernels per layer.
+FUSED_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,11 @@ class GpuMoELoRA:
         device: str | torch.device = "cuda",
         dtype: torch.dtype = torch.bfloat16,
         slots: AdapterSlots | None = None,  # the adapters; HybridMoE shares the CPU engine's
+        fused: bool = False,
     ):
-        self.device, self.dtype, self.slots = torch.device(device), dtype, slots
+        """``fused``: small batches run the fused Triton kernels (gpu_triton.py) instead of the
+        grouped matmuls; off until measured on the device."""
+        self.device, self.dtype, self.slots, self.fused = torch.device(device), dtype, slots, fused
         self.layers: dict[int, GpuLayer] = {}
         self._loras: dict[int, GpuLoRA] = {}  # layer -> every slot's LoRA, stacked
         # Graphs need a path that never waits on the GPU: the per-expert loop reads group sizes,
@@ -139,7 +144,7 @@ class GpuMoELoRA:
             return self._forward(layer, x, topk_ids, topk_weights, token_slots)
         if token_slots is not None and len(self.slots):
             self._stacked(layer, self.layers[layer])  # a changed adapter set drops the layer's graphs
-        key = (layer, *topk_ids.shape, x.dtype, topk_ids.dtype, topk_weights.dtype, token_slots is None)
+        key = (layer, *topk_ids.shape, x.dtype, topk_ids.dtype, topk_weights.dtype, token_slots is None, self.fused)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._capture(layer, x, topk_ids, topk_weights, token_slots)
@@ -170,8 +175,12 @@ class GpuMoELoRA:
         g = self.layers[layer]
         T, k = topk_ids.shape
         Eg, H, I = g.gate_up.shape[0], g.gate_up.shape[2], g.down.shape[2]
-        group = g.group[_group_ids(topk_ids, g)].reshape(-1)  # [P = T·k]; Eg: not run here
         lora = self._stacked(layer, g) if token_slots is not None and len(self.slots) else None
+        if self.fused and T <= FUSED_MAX_TOKENS:
+            from .gpu_triton import fused_forward
+
+            return fused_forward(g.group, g.gate_up, g.down, lora, x, topk_ids, topk_weights, token_slots)
+        group = g.group[_group_ids(topk_ids, g)].reshape(-1)  # [P = T·k]; Eg: not run here
         if lora is None:
             key, per_expert = group, 1
         else:  # rows grouped by expert, and within each expert by adapter (no adapter first)

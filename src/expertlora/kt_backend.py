@@ -17,10 +17,12 @@ import torch
 
 from .engine import available_cores
 from .experts import ExpertWeights
+from .kt_layout import kt_numa_parts
 from .lora import ExpertLoRA, LayerLoRA, ProjLoRA
 from .slots import NO_ADAPTER, AdapterSlots
 
 KT_METHODS = ("AMXBF16_SFT", "AMXINT4_SFT")  # the ones kt-kernel loads from tensors
+KT_FILE_METHODS = ("AMXINT8_SFT", "AMXINT4_SFT")  # the ones it loads from its converter's files (weight_path)
 MAX_TOKENS = 4096  # kt-kernel's chunked_prefill_size: longer batches run in chunks
 
 
@@ -40,9 +42,18 @@ def kt_method(method: str) -> str:
 
 
 class KtMoEEngine:
-    """kt-kernel's SFT forward per MoE layer, with the slots and forward of MoELoRAEngine."""
+    """kt-kernel's SFT forward per MoE layer, with the slots and forward of MoELoRAEngine.
 
-    def __init__(self, layers: dict[int, ExpertWeights], kt_method: str = "AMXBF16_SFT", threads: int | None = None):
+    With ``weight_path`` (a folder kt-kernel's convert_cpu_weights.py wrote), kt-kernel loads its own
+    pre-quantized files and ``layers`` only give the sizes (e.g. from ``kt_layout.read_kt_layer``)."""
+
+    def __init__(
+        self,
+        layers: dict[int, ExpertWeights],
+        kt_method: str = "AMXBF16_SFT",
+        threads: int | None = None,
+        weight_path: str | None = None,
+    ):
         try:
             from kt_kernel import KTMoEWrapper  # noqa: F401
         except ImportError as e:
@@ -50,16 +61,19 @@ class KtMoEEngine:
                 f"--backend kt needs kt-kernel ({e.name} is missing): pip install --no-deps kt-kernel gguf; "
                 "or use the cpu backend"
             ) from None
-        if kt_method not in KT_METHODS:
+        if weight_path is not None and kt_method not in KT_FILE_METHODS:
+            raise KtUnavailable(f"kt backend: weight_path holds converted INT8 / INT4 files, for {' or '.join(KT_FILE_METHODS)}, not {kt_method}")
+        if weight_path is None and kt_method not in KT_METHODS:
             raise KtUnavailable(
                 f"kt backend: method {kt_method} cannot load from tensors here (expected one of {', '.join(KT_METHODS)}; "
                 "INT8 SFT wants kt-kernel's own .kt files); or use the cpu backend"
             )
         first = next(iter(layers.values()))
-        if first.method != "bf16":
+        if weight_path is None and first.method != "bf16":
             raise KtUnavailable(f"kt backend: give it bf16 expert weights (kt-kernel quantizes them itself), not {first.method}")
         self.layers = layers
         self.kt_method = kt_method
+        self.weight_path = weight_path
         self.method = first.method
         # kt-kernel on every core runs many times slower than with one core left free.
         self.threads = threads or max(1, available_cores() - 1)
@@ -107,7 +121,7 @@ class KtMoEEngine:
         rank = max([1] + [_rank(a.layers.get(layer)) for a in self.slots.adapters()])
         wrapper = self._wrappers.get(layer)
         if wrapper is None or wrapper.rank < rank or wrapper.k != k:
-            self._wrappers[layer] = wrapper = _KtLayer(self.layers[layer], layer, rank, k, self.kt_method, self.threads)
+            self._wrappers[layer] = wrapper = _KtLayer(self.layers[layer], layer, rank, k, self.kt_method, self.threads, self.weight_path)
         return wrapper
 
 
@@ -128,19 +142,25 @@ def _rank(lora: LayerLoRA | None) -> int:
 class _KtLayer:
     """One kt-kernel SFT wrapper and the LoRA tensors it points at (changed in place)."""
 
-    def __init__(self, weights: ExpertWeights, layer: int, rank: int, k: int, kt_method: str, threads: int):
+    def __init__(self, weights: ExpertWeights, layer: int, rank: int, k: int, kt_method: str, threads: int,
+                 weight_path: str | None = None):
         from kt_kernel import KTMoEWrapper
 
         E, H, I = weights.num_experts, weights.hidden_size, weights.intermediate_size
         self.rank, self.k, self.active = rank, k, None
+        # Converted files are split in NUMA parts, and kt-kernel wants one thread pool per part.
+        parts = kt_numa_parts(weight_path, layer) if weight_path else 1
         self.kt = KTMoEWrapper(
             layer_idx=layer, num_experts=E, num_experts_per_tok=k, hidden_size=H, moe_intermediate_size=I,
-            gpu_experts_mask=None, cpuinfer_threads=threads, threadpool_count=1, weight_path="",
+            gpu_experts_mask=None, cpuinfer_threads=max(threads, parts), threadpool_count=parts, weight_path=weight_path or "",
             chunked_prefill_size=MAX_TOKENS, method=kt_method, mode="sft", lora_rank=rank, lora_alpha=float(rank),
             max_cache_depth=1,
         )
-        gate_up = weights.gate_up.data
-        self.kt.load_weights_from_tensors(gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous(), weights.down.data, torch.arange(E))
+        if weight_path:
+            self.kt.load_weights(torch.arange(E))
+        else:
+            gate_up = weights.gate_up.data
+            self.kt.load_weights_from_tensors(gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous(), weights.down.data, torch.arange(E))
         shapes = {"gate": ((E, rank, H), (E, I, rank)), "up": ((E, rank, H), (E, I, rank)), "down": ((E, rank, I), (E, H, rank))}
         self.lora = {p: (torch.zeros(a, dtype=torch.bfloat16), torch.zeros(b, dtype=torch.bfloat16)) for p, (a, b) in shapes.items()}
         tensors = [t for p in ("gate", "up", "down") for t in self.lora[p]]
