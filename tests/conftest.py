@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels (the fused GPU path) run in Triton's interpreter. Set before any
+# import of triton, which reads it once (transformers may import triton early).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from expertlora import MoEConfig, tiny
 

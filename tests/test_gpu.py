@@ -188,10 +188,8 @@ def test_hybrid_refuses_a_cpu_engine_that_holds_other_experts():
 
 
 @pytest.fixture
-def triton_here(monkeypatch):
-    """Triton's kernels on a GPU, or in its interpreter on the CPU (set before the first import)."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+def triton_here():
+    """Triton's kernels on a GPU, or in its interpreter on the CPU (conftest sets that up)."""
     pytest.importorskip("triton")
 
 
