@@ -60,6 +60,15 @@ def kt_quantized(w: torch.Tensor, method: str) -> torch.Tensor:
     return q * scale
 
 
+def same_values(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same quantized values, up to kt's fp32 scale differing from ours in the last bit (the 0.7.2
+    binary), which moves a value sitting on a rounding tie by one step: 2 in 131072 seen. Any
+    layout error scrambles nearly all of them."""
+    off = ~torch.isclose(got, expected, rtol=1e-6, atol=0)
+    step = expected.abs().amax(-1, keepdim=True).expand_as(expected) / 7  # an int4 step, > an int8 one
+    assert off.float().mean() < 1e-3 and ((got - expected).abs()[off] <= step[off]).all()
+
+
 def to_merged_safetensors(kt_dir, out_dir, layer=LAYER):
     """What convert_cpu_weights.py does after kt's save: each .kt file as one 1-D tensor
     (quant bytes as int8, scales as float32) under blk.{L}.ffn_{proj}_exps.{e}.numa.{p}."""
@@ -67,7 +76,7 @@ def to_merged_safetensors(kt_dir, out_dir, layer=LAYER):
 
     tensors = {}
     for file in (kt_dir / f"_layer_{layer}").glob("_numa_*/*.kt"):
-        method, proj, expert, _, kind, _ = file.name.split("_")
+        _, proj, expert, _, kind, _ = file.name.split("_")  # INT4_down_0_4096Byte_quant_.kt
         part = file.parent.name.removeprefix("_numa_")
         key = f"blk.{layer}.ffn_{proj}_exps.{expert}.numa.{part}.{'weight' if kind == 'quant' else 'scale'}"
         tensors[key] = torch.from_numpy(np.fromfile(file, dtype=np.int8 if kind == "quant" else np.float32))
@@ -84,10 +93,8 @@ def test_reads_kt_writer_files_exactly(tmp_path, method, E, H, I):
     assert (kt_layout(tmp_path, LAYER), kt_numa_parts(tmp_path, LAYER)) == ("kt", 1)
     ours = read_kt_layer(tmp_path, LAYER, method, E, H, I)
     assert ours.method == method
-    g, u, d = ours.dequantize()
-    assert torch.equal(g, kt_quantized(gate, method))
-    assert torch.equal(u, kt_quantized(up, method))
-    assert torch.equal(d, kt_quantized(down, method))
+    for got, w in zip(ours.dequantize(), (gate, up, down)):
+        same_values(got, kt_quantized(w, method))
 
 
 def test_merged_safetensors_read_like_kt_files(tmp_path):
@@ -128,13 +135,15 @@ def test_two_numa_parts(tmp_path, method):
     assert kt_numa_parts(tmp_path, 0) == 2
     g, u, d = read_kt_layer(tmp_path, 0, method, E, H, I).dequantize()
     half = I // 2
-    assert torch.equal(g, kt_quantized(gate, method)) and torch.equal(u, kt_quantized(up, method))
+    same_values(g, kt_quantized(gate, method))
+    same_values(u, kt_quantized(up, method))
     down_kt = torch.cat([kt_quantized(down[..., :half], method), kt_quantized(down[..., half:], method)], dim=-1)
     if method == "int4":
-        assert torch.equal(d, down_kt)  # a group never straddles two parts
+        same_values(d, down_kt)  # a group never straddles two parts
     else:  # ours has one int8 scale per row: requantized, within half a step of it
         step = down_kt.abs().amax(-1, keepdim=True) / 127
-        assert ((d - down_kt).abs() <= step / 2 + 1e-7).all() and not torch.equal(d, down_kt)
+        within = (d - down_kt).abs() <= step * 0.5001  # but for the rare ties of same_values
+        assert within.float().mean() > 0.999 and not torch.equal(d, down_kt)
 
 
 @pytest.mark.parametrize("method, merged", [("int8", False), ("int4", False), ("int4", True)])
@@ -177,3 +186,41 @@ def test_bad_files_are_one_line_errors(tmp_path):
         read_kt_layer(tmp_path, 0, "int4", 1, 256, 128)
     with pytest.raises(AdapterError, match="multiples of 64"):
         read_kt_layer(tmp_path, 0, "int8", 1, 256, 96)
+
+
+def test_run_with_kt_weight_path(tmp_path):
+    """`expertlora run --kt-weight-path`: a model whose experts come from kt-kernel's converted files,
+    on our cpu backend (unpacked, the same weights as read_kt_layer) and on the kt backend (kt-kernel
+    loads them itself); bf16 reads the checkpoint, as the seed does; bad paths are one-line errors."""
+    pytest.importorskip("kt_kernel")
+    import json
+
+    from typer.testing import CliRunner
+
+    from expertlora import tiny
+    from expertlora.cli import app
+    from expertlora.integration import load_model
+    from expertlora.model_config import MoEConfig
+
+    model = tiny.save_checkpoint(tiny.tiny_model("qwen3_moe", hidden_size=256, moe_intermediate_size=128), tmp_path / "model")
+    base = MoEConfig.from_model_dir(model)
+    state = tiny.tiny_model("qwen3_moe", hidden_size=256, moe_intermediate_size=128).state_dict()
+    for L in base.moe_layers:
+        gate_up, down = (state[f"model.layers.{L}.mlp.experts.{p}"].bfloat16() for p in ("gate_up_proj", "down_proj"))
+        I = base.intermediate_size
+        kt_write(tmp_path / "kt", "int8", gate_up[:, :I], gate_up[:, I:], down, layer=L)
+    lm = load_model(model, "int8", kt_weight_path=tmp_path / "kt")
+    for L in base.moe_layers:
+        expected = read_kt_layer(tmp_path / "kt", L, "int8", base.num_experts, base.hidden_size, base.intermediate_size)
+        assert torch.equal(lm.engine.layers[L].gate_up.data, expected.gate_up.data)
+        assert torch.equal(lm.engine.layers[L].down.scale, expected.down.scale)
+    runner = CliRunner()
+    for extra in (["--method", "int8"], ["--method", "AMXINT8_SFT", "--backend", "kt"], ["--method", "bf16"]):
+        result = runner.invoke(app, ["run", "--model", str(model), "--kt-weight-path", str(tmp_path / "kt"), "--prompt-ids", "3,5,7",
+                                     "--max-new-tokens", "3", "--ignore-eos", "--json", "--no-progress", *extra])
+        assert result.exit_code == 0, (extra, result.output)
+        if "kt" not in extra:  # the kt backend writes its result to the process's real stdout, past the runner
+            assert len(json.loads(result.stdout.strip().splitlines()[-1])["token_ids"]) == 3
+    missing = runner.invoke(app, ["run", "--model", str(model), "--kt-weight-path", str(tmp_path / "none"), "--method", "int8",
+                                  "--prompt-ids", "1"])
+    assert missing.exit_code == 2 and "--kt-weight-path" in missing.stderr and "expected a folder" in missing.stderr

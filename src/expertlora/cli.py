@@ -167,6 +167,7 @@ def run(
     device: Annotated[str, typer.Option("--device", help="cpu, or cuda: attention and the other non-expert layers on the GPU, with --gpu-experts of each layer's experts there too; the rest run on the CPU at the same time.")] = "cpu",
     gpu_experts: Annotated[Optional[int], typer.Option("--gpu-experts", "--kt-num-gpu-experts", help="Experts per MoE layer kept on the GPU (with --device cuda; default 0).")] = None,
     gpu_ratio: Annotated[Optional[float], typer.Option("--gpu-experts-ratio", help="Share of each layer's experts kept on the GPU, 0 to 1 (instead of --gpu-experts).")] = None,
+    kt_weight_path: Annotated[Optional[Path], typer.Option("--kt-weight-path", help="With --method int8 / int4: the experts from this folder of kt-kernel's converted weights (its convert_cpu_weights.py: _layer_L/_numa_N/*.kt or blk.* safetensors) instead of the checkpoint; bf16 / fp32 read --model, as the seed does.")] = None,
     placement: Annotated[str, typer.Option("--placement", help="Which experts go to the GPU: prefix (the first N, as the seed), uniform (spread over the ids), or a routing stats file from expertlora profile (each layer's most used).")] = "prefix",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: token_ids, text, prompt_tokens, tokens_per_s, adapter.")] = False,
     progress: ProgressOpt = True,
@@ -180,7 +181,7 @@ def run(
         try:
             sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
             setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress, backend,
-                               device, gpu_experts, gpu_ratio, placement)
+                               device, gpu_experts, gpu_ratio, placement, kt_weight_path)
             result = generate(setup.model, setup.prompt_ids, setup.adapter, sampling, setup.tokenizer)
         except ValueError as e:  # AdapterError included: bad input, one line
             err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)

@@ -146,6 +146,7 @@ def load_model(
     backend: str = "cpu",
     device: str = "cpu",
     gpu_masks: dict[int, torch.Tensor] | None = None,
+    kt_weight_path: str | Path | None = None,
 ) -> LoadedModel:
     """Build the model of ``model_dir`` with its experts in ``method`` on our engine.
 
@@ -156,6 +157,9 @@ def load_model(
     MoE: bf16 or int4, one adapter per batch). ``device``: where the non-expert layers run;
     with a GPU, ``gpu_masks`` (layer -> [E] bool) names the experts that live there too (in bf16,
     fp32 for the fp32 method), and the rest run on the CPU engine at the same time (hybrid.py).
+    ``kt_weight_path``: with int8 / int4, the experts come from this folder of kt-kernel's
+    converted weights (kt_layout.py) instead of the checkpoint; bf16 / fp32 read the checkpoint,
+    as the seed does.
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -165,7 +169,10 @@ def load_model(
     ckpt = Checkpoint(model_dir)
     dtype = dtype or (torch.float32 if method == "fp32" else torch.bfloat16)
     wrap = progress or (lambda items, _description: items)
-    engine = _engine(ckpt, method, backend, threads, group_size, wrap, torch.device(device), gpu_masks)
+    if kt_weight_path is not None and method in ("int8", "int4"):
+        engine = _kt_files_engine(ckpt, method, backend, threads, group_size, wrap, torch.device(device), Path(kt_weight_path))
+    else:
+        engine = _engine(ckpt, method, backend, threads, group_size, wrap, torch.device(device), gpu_masks)
 
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
@@ -208,6 +215,26 @@ def _engine(ckpt: Checkpoint, method: str, backend: str, threads, group_size, wr
             raise ValueError("GPU experts need a GPU device (--device cuda)")
         return MoELoRAEngine({L: ckpt.experts(L, method, group_size) for L in wrap(layers, "experts")}, threads=threads)
     return _hybrid_engine(ckpt, method, threads, group_size, wrap, device, gpu_masks or {})
+
+
+def _kt_files_engine(ckpt: Checkpoint, method: str, backend: str, threads, group_size, wrap, device: torch.device, path: Path):
+    """The experts from kt-kernel's converted files: unpacked into our storage for the cpu
+    backend, loaded by kt-kernel itself for the kt backend."""
+    from .kt_layout import kt_layer_sizes, read_kt_layer
+
+    if device.type != "cpu":
+        raise ValueError("--kt-weight-path: kt-kernel's converted experts run on the CPU; use --device cpu")
+    c = ckpt.config
+    E, H, I, layers = c.num_experts, c.hidden_size, c.intermediate_size, c.moe_layers
+    group_size = group_size or _int4_group(H, I)
+    if backend == "kt":
+        from .kt_backend import KtMoEEngine, kt_method
+
+        sizes = {L: kt_layer_sizes(method, E, H, I, group_size) for L in layers}
+        return KtMoEEngine(sizes, kt_method(method, from_files=True), threads=threads, weight_path=str(path))
+    if backend != "cpu":
+        raise ValueError(f"unknown backend {backend!r}: expected cpu or kt")
+    return MoELoRAEngine({L: read_kt_layer(path, L, method, E, H, I, group_size) for L in wrap(layers, "experts")}, threads=threads)
 
 
 def _hybrid_engine(ckpt: Checkpoint, method: str, threads, group_size: int, wrap, device: torch.device, gpu_masks):

@@ -30,13 +30,16 @@ class KtUnavailable(ValueError):
     pass
 
 
-def kt_method(method: str) -> str:
-    """Our method name -> kt-kernel's SFT method; what kt cannot load from tensors is refused."""
+def kt_method(method: str, from_files: bool = False) -> str:
+    """Our method name -> kt-kernel's SFT method; what kt cannot load is refused. ``from_files``:
+    the experts come from kt-kernel's converted files (--kt-weight-path), which int8 needs."""
+    if from_files and method in ("int8", "int4"):
+        return {"int8": "AMXINT8_SFT", "int4": "AMXINT4_SFT"}[method]
     kt = {"bf16": "AMXBF16_SFT", "int4": "AMXINT4_SFT"}.get(method)
     if kt is None:
         raise KtUnavailable(
             f"the kt backend runs bf16 (AMXBF16_SFT) or int4 (AMXINT4_SFT), not {method}: kt-kernel's INT8 SFT "
-            "reads only its own pre-converted .kt files; use the cpu backend for fp32 and int8"
+            "reads only its own pre-converted .kt files (--kt-weight-path); use the cpu backend for fp32 and int8"
         )
     return kt
 

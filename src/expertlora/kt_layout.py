@@ -37,9 +37,14 @@ import torch
 
 from .errors import AdapterError
 from .experts import ExpertWeights
-from .quantize import DEFAULT_GROUP_SIZE, QuantizedStack, quantize, resolve_method
+from .quantize import (
+    DEFAULT_GROUP_SIZE,
+    INT4_GROUP_SIZES,
+    QuantizedStack,
+    _int8,
+    resolve_method,
+)
 
-PROJECTIONS = ("gate", "up", "down")
 K_BLOCK, N_STEP, TILE_N = 3584, 32, 16
 
 
@@ -103,19 +108,18 @@ def read_kt_layer(
     E, H, I = num_experts, hidden, intermediate
     if I % parts or (I // parts) % packing.k_step or H % packing.k_step:
         raise AdapterError(path, None, f"hidden and intermediate / {parts} parts multiples of {packing.k_step}", f"{H} and {I}")
+    if method == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size {group_size}: expected one of {INT4_GROUP_SIZES}")
     n_part = I // parts
-    # Rows / columns in kt's part, per projection: [n, k].
-    shapes = {"gate": (n_part, H), "up": (n_part, H), "down": (H, n_part)}
-    unpacked = {p: [[_unpack(source, p, e, part, *shapes[p], packing) for part in range(parts)] for e in range(E)]
-                for p in PROJECTIONS}
-    gate_up = [torch.cat([q for q, _ in unpacked["gate"][e] + unpacked["up"][e]]) for e in range(E)]  # [2I, H] each
-    gate_up_scale = [torch.cat([s for _, s in unpacked["gate"][e] + unpacked["up"][e]]) for e in range(E)]  # [2I, 1]
-    down = [torch.cat([q for q, _ in unpacked["down"][e]], dim=1) for e in range(E)]  # [H, I] each
-    down_scale = [torch.cat([s.expand(H, n_part) for _, s in unpacked["down"][e]], dim=1) for e in range(E)]  # [H, I]
-    return ExpertWeights(
-        _to_ours(torch.stack(gate_up), torch.stack(gate_up_scale), method, group_size),
-        _to_ours(torch.stack(down), torch.stack(down_scale), method, group_size),
-    )
+    # Filled one expert at a time, so that memory peaks near the final size.
+    gate_up = _empty(method, E, 2 * I, H, group_size)
+    down = _empty(method, E, H, I, group_size)
+    for e in range(E):
+        rows = [_unpack(source, p, e, part, n_part, H, packing) for p in ("gate", "up") for part in range(parts)]
+        gate_up.data[e], gate_up.scale[e] = _expert_to_ours(torch.cat([q for q, _ in rows]), torch.cat([s for _, s in rows]), method, group_size)
+        cols = [_unpack(source, "down", e, part, H, n_part, packing) for part in range(parts)]
+        down.data[e], down.scale[e] = _expert_to_ours(torch.cat([q for q, _ in cols], 1), torch.cat([s for _, s in cols], 1), method, group_size)
+    return ExpertWeights(gate_up, down)
 
 
 def _unpack(source, proj: str, expert: int, part: int, n: int, k: int, packing: _Packing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,18 +156,30 @@ def _byte_offsets(n: int, k: int, packing: _Packing) -> tuple[torch.Tensor, torc
     return values // packing.values_per_byte + in_tile, (col % packing.k_step >= 64)
 
 
-def _to_ours(q: torch.Tensor, scale: torch.Tensor, method: str, group_size: int) -> QuantizedStack:
-    """q [E, N, K] int8 and a scale per value's row-part [E, N, 1 or K] -> our storage, exact when it can be."""
+def kt_layer_sizes(method: str, num_experts: int, hidden: int, intermediate: int, group_size: int = DEFAULT_GROUP_SIZE) -> ExpertWeights:
+    """ExpertWeights with the sizes of a converted layer and no data (meta tensors): the kt backend
+    loading the files itself needs only the sizes."""
+    method = resolve_method(method)
+    E, H, I = num_experts, hidden, intermediate
+    return ExpertWeights(_empty(method, E, 2 * I, H, group_size, "meta"), _empty(method, E, H, I, group_size, "meta"))
+
+
+def _empty(method: str, E: int, N: int, K: int, group_size: int, device: str = "cpu") -> QuantizedStack:
     if method == "int8":
-        if scale.shape[-1] == 1 or bool((scale == scale[..., :1]).all()):
-            return QuantizedStack("int8", q.contiguous(), scale[..., :1].contiguous())
-        return quantize(q.float() * scale, "int8")  # several scales per row: requantize, ours has one
-    E, N, K = q.shape
-    if K % group_size:
-        raise ValueError(f"int4 group size {group_size} does not divide {K}")
-    group_scale = scale.expand(E, N, K)[..., ::group_size].contiguous()  # [E, N, G]: kt's scale is constant per group
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    return QuantizedStack("int4", (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous(), group_scale, group_size)
+        return QuantizedStack("int8", torch.empty(E, N, K, dtype=torch.int8, device=device), torch.empty(E, N, 1, device=device))
+    return QuantizedStack("int4", torch.empty(E, N, K // 2, dtype=torch.uint8, device=device),
+                          torch.empty(E, N, K // group_size, device=device), group_size)
+
+
+def _expert_to_ours(q: torch.Tensor, scale: torch.Tensor, method: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert: q [N, K] int8 with a scale per row per part [N, P] (P equal spans of K) -> our data and scale."""
+    K, P = q.shape[1], scale.shape[1]
+    if method == "int8":
+        if P == 1 or bool((scale == scale[:, :1]).all()):
+            return q, scale[:, :1]
+        return _int8(q.float() * scale.repeat_interleave(K // P, dim=1))  # ours has one scale per row: requantize
+    u = (q.to(torch.int16) + 8).to(torch.uint8)  # our nibble: q + 8, element 2j low, 2j+1 high
+    return u[:, 0::2] | (u[:, 1::2] << 4), scale.repeat_interleave(K // P // group_size, dim=1)  # [N, K/2], [N, G]
 
 
 class _KtFiles:
@@ -216,5 +232,5 @@ def _safetensors_keys(path: Path) -> dict[str, Path]:
     keys = {}
     for file in _safetensors_files(path):
         with safe_open(file, framework="pt") as f:
-            keys.update((key, file) for key in f.keys())
+            keys.update((key, file) for key in f.keys())  # noqa: SIM118 (a safe_open, not a dict)
     return keys

@@ -115,6 +115,7 @@ def load_setup(
     gpu_experts: int | None = None,
     gpu_ratio: float | None = None,
     placement: str = "prefix",
+    kt_weight_path: Path | None = None,
 ) -> Setup:
     """Check every option, then load the adapters and the model (with a progress bar)."""
     from .formats import load_adapter
@@ -126,7 +127,9 @@ def load_setup(
     if backend == "kt":
         from .kt_backend import kt_method
 
-        kt_method(method)
+        kt_method(method, from_files=kt_weight_path is not None)
+    if kt_weight_path is not None and not kt_weight_path.is_dir():
+        raise ValueError(f"--kt-weight-path {kt_weight_path}: expected a folder of kt-kernel's converted weights")
     dtypes = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
     if dtype not in dtypes:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(dtypes)}")
@@ -147,7 +150,7 @@ def load_setup(
         _check_seed_flags(name, adapter, lora_rank, lora_alpha)
     bar = _rich_progress if progress else None
     lm = load_model(model_dir, method, dtypes[dtype], adapters, threads=threads, progress=bar, backend=backend,
-                    device=device, gpu_masks=masks)
+                    device=device, gpu_masks=masks, kt_weight_path=kt_weight_path)
     return Setup(lm, method, ids, chosen, tokenizer)
 
 
