@@ -99,3 +99,28 @@ def test_hybrid_generate_matches_all_cpu_greedy(model_dir, adapters):
     sampling = Sampling(max_new_tokens=8, ignore_eos=True)
     assert generate(hybrid, [5, 9, 11], "math", sampling).token_ids == generate(cpu, [5, 9, 11], "math", sampling).token_ids
 
+
+
+def test_run_and_profile_commands_on_the_gpu(tmp_path, model_dir, fused_adapter):
+    """expertlora profile, then expertlora run --device cuda with its stats as placement: the same
+    greedy tokens as the CPU run (fp32)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from expertlora.cli import app
+
+    model, (adapter, _, _) = model_dir("qwen3_moe"), fused_adapter("qwen3_moe")
+    (tmp_path / "prompts.txt").write_text("5,9,11\n7,3\n")
+    runner = CliRunner()
+    profiled = runner.invoke(app, ["profile", "--model", str(model), "--adapter", f"math={adapter}", "--prompts",
+                                   str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "stats.json"), "--no-progress"])
+    assert profiled.exit_code == 0, profiled.output
+    common = ["run", "--model", str(model), "--adapter", f"math={adapter}", "--prompt-ids", "5,9,11", "--max-new-tokens", "6",
+              "--ignore-eos", "--method", "fp32", "--json", "--no-progress"]
+    on_cpu = runner.invoke(app, common)
+    for placement in (["--gpu-experts", "3", "--placement", str(tmp_path / "stats.json")], ["--gpu-experts-ratio", "0.5", "--placement", "uniform"],
+                      ["--kt-num-gpu-experts", "6"]):
+        on_gpu = runner.invoke(app, [*common, "--device", "cuda", *placement])
+        assert on_gpu.exit_code == 0, (placement, on_gpu.output)
+        assert json.loads(on_gpu.stdout)["token_ids"] == json.loads(on_cpu.stdout)["token_ids"], placement
