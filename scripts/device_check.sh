@@ -6,11 +6,13 @@
 #   hybrid   benchmarks/gpu_layer.py --parts hybrid: 0 / 25 / 50 / 100% of the experts on the GPU
 #   e2e      benchmarks/e2e.py --device cuda at the same GPU shares
 #   scripts/device_check.sh tests layer
-# It uses the device's own torch / transformers / peft and runs the package from src/.
-# Results go to $OUT (default /tmp/expertlora-device).
+# It uses the device's own torch / transformers / peft and runs the package from src/; kt-kernel
+# comes from .device/kt where carried (scripts/kt_carry.sh; its tests then check the converted-weight
+# reader against kt-kernel's AMX build too). Results go to $OUT (default /tmp/expertlora-device).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -d .device/kt ] && export PYTHONPATH="$PWD/.device/kt:$PYTHONPATH"
 OUT="${OUT:-/tmp/expertlora-device}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader | tee "$OUT/gpu.txt"
