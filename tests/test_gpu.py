@@ -226,3 +226,28 @@ def test_fused_tokens_without_adapter_are_bit_identical_to_base(device, triton_h
     base = bare.forward(LAYER, x, ids.to(device), w.to(device), None)
     plain = torch.tensor([n is None for n in names]).to(device)
     assert torch.equal(y[plain], base[plain]) and not torch.equal(y[~plain], base[~plain])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_hybrid_with_quantized_cpu_experts(device, method):
+    """The CPU side keeps its experts (only those) in int8 / int4, the GPU side in bf16: the layer
+    equals the float64 reference on exactly those weights."""
+    gate, up, down = make_weights(E, H, I)
+    mask = _masks("random", 4)[LAYER]
+    hybrid = HybridMoE.build([(LAYER, torch.cat((gate, up), 1), down)], {LAYER: mask}, method, group_size=32, device=device, threads=2)
+    ads = adapters()
+    for name, adapter in ads.items():
+        hybrid.load_adapter(name, adapter)
+    # the weights each side runs: bf16 on the GPU, the CPU engine's own dequantized storage
+    cpu_gate, cpu_up, cpu_down = hybrid.cpu.layers[LAYER].dequantize()
+    held = (~mask).nonzero().squeeze(1)
+    ref_gate, ref_up, ref_down = (w.bfloat16().double() for w in (gate, up, down))
+    ref_gate[held], ref_up[held], ref_down[held] = cpu_gate.double(), cpu_up.double(), cpu_down.double()
+    T = 12
+    ids, w = routing(T, E, K, seed=3)
+    names = [("a", None, "b", "c")[t % 4] for t in range(T)]
+    x = torch.randn(T, H).bfloat16()
+    got = hybrid.forward(LAYER, x.to(device), ids.to(device), w.to(device), hybrid.token_slots(names))
+    ref = reference_moe(x.double(), ids, w, ref_gate, ref_up, ref_down, token_loras(names, ads))
+    assert rel(got.cpu(), ref) < 2e-2
