@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from expertlora import gpu as gpu_module
 from expertlora.engine import MoELoRAEngine
 from expertlora.experts import ExpertWeights
-from expertlora import gpu as gpu_module
 from expertlora.gpu import GpuMoELoRA, grouped_mm
 from expertlora.hybrid import HybridMoE
 from expertlora.moe import reference_moe

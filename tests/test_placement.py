@@ -13,7 +13,13 @@ from expertlora.cli import app
 from expertlora.errors import AdapterError
 from expertlora.integration import load_model
 from expertlora.placement import (
-    STATS_FORMAT, RoutingStats, gpu_expert_count, gpu_masks, parse_placement, profile, record_routing,
+    STATS_FORMAT,
+    RoutingStats,
+    gpu_expert_count,
+    gpu_masks,
+    parse_placement,
+    profile,
+    record_routing,
 )
 
 runner = CliRunner()
