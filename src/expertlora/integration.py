@@ -165,6 +165,8 @@ def load_model(
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if backend not in ("cpu", "kt"):
+        raise ValueError(f"unknown backend {backend!r}: expected cpu or kt")
     register()
     ckpt = Checkpoint(model_dir)
     dtype = dtype or (torch.float32 if method == "fp32" else torch.bfloat16)
@@ -207,8 +209,6 @@ def _engine(ckpt: Checkpoint, method: str, backend: str, threads, group_size, wr
             raise ValueError("--backend kt runs every expert on the CPU: use --backend cpu with --device cuda")
         kt = kt_method(method)  # checked before the weights are read
         return KtMoEEngine({L: ckpt.experts(L, "bf16") for L in wrap(layers, "experts")}, kt, threads=threads)
-    if backend != "cpu":
-        raise ValueError(f"unknown backend {backend!r}: expected cpu or kt")
     group_size = group_size or _int4_group(ckpt.config.hidden_size, ckpt.config.intermediate_size)
     if device.type == "cpu":
         if gpu_masks and any(bool(m.any()) for m in gpu_masks.values()):
@@ -232,8 +232,6 @@ def _kt_files_engine(ckpt: Checkpoint, method: str, backend: str, threads, group
 
         sizes = {L: kt_layer_sizes(method, E, H, I, group_size) for L in layers}
         return KtMoEEngine(sizes, kt_method(method, from_files=True), threads=threads, weight_path=str(path))
-    if backend != "cpu":
-        raise ValueError(f"unknown backend {backend!r}: expected cpu or kt")
     return MoELoRAEngine({L: read_kt_layer(path, L, method, E, H, I, group_size) for L in wrap(layers, "experts")}, threads=threads)
 
 
