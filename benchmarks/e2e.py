@@ -33,7 +33,7 @@ import torch
 from expertlora import MoEConfig, load_adapter
 from expertlora.integration import load_model
 from expertlora.placement import gpu_masks
-from moe_layer import cpu_name  # this folder is on sys.path when a benchmark runs as a script
+from moe_layer import cpu_name, emit  # this folder is on sys.path when a benchmark runs as a script
 
 RANK, ALPHA = 16, 32.0
 
@@ -147,11 +147,7 @@ def main():
         "|---|---|---|---|",
         *(f"| {run} | {method} | {pre:.1f} | {dec:.2f} |" for run, method, pre, dec in rows),
     ]
-    text = "\n".join(table) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit("\n".join(table) + "\n", args.out)
 
 
 if __name__ == "__main__":

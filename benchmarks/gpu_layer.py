@@ -34,7 +34,7 @@ from expertlora.hybrid import HybridMoE
 from expertlora.placement import gpu_masks
 from expertlora.slots import AdapterSlots
 from expertlora.tiny import random_expert_lora
-from moe_layer import ALL, ALPHA, SHAPES, cpu_name, peft_layer, routings  # this folder is on sys.path
+from moe_layer import ALL, ALPHA, SHAPES, cpu_name, emit, peft_layer, routings  # this folder is on sys.path
 
 SHARES = (0, 25, 50, 100)
 SMOKE = {"tiny": (64, 32, 8, 2)}  # --device cpu --shapes tiny: a quick check of this script without a GPU
@@ -312,11 +312,7 @@ def main():
     header = (f"### {card}, {cpu_name()} ({available_cores()} cores), torch {torch.__version__}, {date.today()}\n\n"
               f"Measured in the same run: device-to-device copy {copy_gbs:.0f} GB/s (read + write), pinned host-to-device "
               f"{h2d_gbs:.1f} GB/s. bf16, LoRA r 16 on gate, up and down.")
-    table = markdown(gpu_rows, hybrid_rows, header)
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table + "\n")
+    emit(markdown(gpu_rows, hybrid_rows, header), args.out)
 
 
 if __name__ == "__main__":

@@ -287,10 +287,14 @@ def main():
         f"Measured here in the same run: read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s (read + write). "
         f"Rotation over more than 4 x {args.cache_mb} MiB of expert weights. LoRA r {RANK} on gate, up and down."
     )
-    table = markdown(rows, header)
+    emit(markdown(rows, header), args.out)
+
+
+def emit(table: str, out: str | None) -> None:
+    """Print a result table, and append it to ``out`` (--out) when given."""
     print(table)
-    if args.out:
-        with open(args.out, "a") as f:
+    if out:
+        with open(out, "a") as f:
             f.write(table + "\n")
 
 
