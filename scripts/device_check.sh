@@ -9,12 +9,7 @@
 # It uses the device's own torch / transformers / peft and runs the package from src/; kt-kernel
 # comes from .device/kt where carried (scripts/kt_carry.sh; its tests then check the converted-weight
 # reader against kt-kernel's AMX build too). Results go to $OUT (default /tmp/expertlora-device).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-[ -d .device/kt ] && export PYTHONPATH="$PWD/.device/kt:$PYTHONPATH"
-OUT="${OUT:-/tmp/expertlora-device}"
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader | tee "$OUT/gpu.txt"
 lscpu | grep -E "Model name|^CPU\(s\)|Thread|L3" | tee -a "$OUT/gpu.txt"
 for part in "${@:-tests}"; do

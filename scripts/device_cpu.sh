@@ -9,12 +9,7 @@
 # It uses the device's own torch / transformers / peft and runs the package from src/; kt-kernel
 # comes from .device/kt where carried (scripts/kt_carry.sh).
 # Threads: all cores but one (THREADS=N to change), for ours and kt-kernel alike. Results go to $OUT.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-[ -d .device/kt ] && export PYTHONPATH="$PWD/.device/kt:$PYTHONPATH"
-OUT="${OUT:-/tmp/expertlora-device}"
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
 THREADS="${THREADS:-$(( $(nproc) - 1 ))}"
 SHAPES="${SHAPES:-qwen3-30b-a3b,deepseek-v2-lite}"
 METHODS="${METHODS:-fp32,bf16,int8,int4}"
