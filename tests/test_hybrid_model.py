@@ -48,20 +48,25 @@ def adapters(tmp_path_factory, fused_adapter):
 
 
 PLACEMENTS = lambda E: (("prefix", E // 2), ("uniform", E // 4 or 1), ("frequency", E // 2), ("random", E - 1), ("prefix", E), ("prefix", 0))  # noqa: E731
+NAMES = ["math", "v4", None]  # each sequence's adapter: two adapters and none in one batch
+
+
+def all_cpu_logits(model, ads) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt ids, fp32 logits of the all-CPU model) for the mixed batch of NAMES."""
+    ids = prompt(len(NAMES), 6, seed=3)
+    cpu = load_model(model, "fp32", adapters=ads, threads=2)
+    cpu.use(NAMES)
+    with torch.no_grad():
+        return ids, cpu.model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hybrid_model_equals_all_cpu_fp32(family, model_dir, adapters):
     base, ads = adapters(family)
-    ids = prompt(3, 6, seed=3)
-    names = ["math", "v4", None]
-    cpu = load_model(model_dir(family), "fp32", adapters=ads, threads=2)
-    cpu.use(names)
-    with torch.no_grad():
-        expected = cpu.model(input_ids=ids).logits
+    ids, expected = all_cpu_logits(model_dir(family), ads)
     for strategy, count in PLACEMENTS(base.num_experts):
         hybrid = load_model(model_dir(family), "fp32", adapters=ads, threads=2, device="cuda", gpu_masks=masks(strategy, base, count))
-        hybrid.use(names)
+        hybrid.use(NAMES)
         with torch.no_grad():
             got = hybrid.model(input_ids=ids.cuda()).logits.cpu()
         assert rel_err(got, expected) < TOLERANCE["fp32"], (strategy, count)
@@ -70,12 +75,11 @@ def test_hybrid_model_equals_all_cpu_fp32(family, model_dir, adapters):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hybrid_moe_layers_equal_all_cpu_bf16(family, model_dir, adapters):
     base, ads = adapters(family)
-    ids = prompt(3, 6, seed=3)
-    names = ["math", "v4", None]
+    ids = prompt(len(NAMES), 6, seed=3)
     cpu = load_model(model_dir(family), "bf16", adapters=ads, threads=2)
     for strategy, count in PLACEMENTS(base.num_experts):
         hybrid = load_model(model_dir(family), "bf16", adapters=ads, threads=2, device="cuda", gpu_masks=masks(strategy, base, count))
-        hybrid.use(names)
+        hybrid.use(NAMES)
         calls = []
         for L in base.moe_layers:
             experts = hybrid.model.get_submodule(f"model.layers.{L}.mlp.experts")
@@ -83,7 +87,7 @@ def test_hybrid_moe_layers_equal_all_cpu_bf16(family, model_dir, adapters):
         with torch.no_grad():
             hybrid.model(input_ids=ids.cuda())
         assert [L for L, _, _ in calls] == list(base.moe_layers)
-        slots = cpu.engine.token_slots(names).repeat_interleave(ids.shape[1])
+        slots = cpu.engine.token_slots(NAMES).repeat_interleave(ids.shape[1])
         for L, (x, top_k_index, top_k_weights), out in calls:
             expected = cpu.engine.forward(L, x, top_k_index, top_k_weights, slots)
             assert rel_err(out, expected) < 2e-2, (strategy, count, L)

@@ -13,8 +13,7 @@ from expertlora import integration
 from expertlora.integration import load_model
 
 from .conftest import FAMILIES, rel_err
-from .test_hybrid_model import PLACEMENTS, adapters, masks  # noqa: F401 - adapters is a fixture
-from .test_integration import prompt
+from .test_hybrid_model import NAMES, PLACEMENTS, adapters, all_cpu_logits, masks  # noqa: F401 - adapters is a fixture
 
 
 def split_on_cpu(ckpt, method, backend, threads, group_size, wrap, device, gpu_masks):
@@ -25,16 +24,11 @@ def split_on_cpu(ckpt, method, backend, threads, group_size, wrap, device, gpu_m
 @pytest.mark.parametrize("family", FAMILIES)
 def test_split_model_equals_all_cpu(family, model_dir, adapters, monkeypatch):  # noqa: F811
     base, ads = adapters(family)
-    ids = prompt(3, 6, seed=3)
-    names = ["math", "v4", None]
-    cpu = load_model(model_dir(family), "fp32", adapters=ads, threads=2)
-    cpu.use(names)
-    with torch.no_grad():
-        expected = cpu.model(input_ids=ids).logits
+    ids, expected = all_cpu_logits(model_dir(family), ads)
     monkeypatch.setattr(integration, "_engine", split_on_cpu)
     for strategy, count in PLACEMENTS(base.num_experts):
         lm = load_model(model_dir(family), "fp32", adapters=ads, threads=2, gpu_masks=masks(strategy, base, count))
         assert type(lm.engine).__name__ == "HybridMoE"
-        lm.use(names)
+        lm.use(NAMES)
         with torch.no_grad():
             assert rel_err(lm.model(input_ids=ids).logits, expected) < 1e-4, (strategy, count)
