@@ -165,6 +165,60 @@ def gpu_part(args, copy_gbs: float) -> list[dict]:
     return rows
 
 
+def fused_sweep(args) -> None:
+    """gpu_triton's kernels over block sizes and warps, GPU time per call (CUDA events over
+    back-to-back calls, two layers alternating), to choose the defaults."""
+    from expertlora.gpu_triton import fused_forward
+
+    for name in args.shapes.split(","):
+        H, I, E, k = (SHAPES | SMOKE)[name]
+        layers = {L: random_layer(E, H, I, L) for L in range(2)}
+        slots = AdapterSlots(E, H, I, torch.bfloat16)
+        slots.load("a", random_expert_lora(E, H, I, list(layers), ALL, alpha=ALPHA, seed=0))
+        ours = GpuMoELoRA(DEVICE, torch.bfloat16, slots)
+        for L, (gate_up, down) in layers.items():
+            ours.add_layer(L, gate_up, down, torch.ones(E, dtype=torch.bool))
+        loras = [ours._stacked(L, ours.layers[L]) for L in layers]
+        for T in (1, 4, 16):
+            ids, w = routings(T, E, k, 1, seed=T)[0]
+            ids, w = ids.to(DEVICE), w.to(DEVICE)
+            x = torch.randn(T, H, dtype=torch.bfloat16, device=DEVICE)
+            slot = torch.zeros(T, dtype=torch.long, device=DEVICE)
+            results = []
+            for block_n in (16, 32, 64):
+                for block_k in (64, 128, 256):
+                    for warps in (2, 4, 8):
+                        def call(i):
+                            g = ours.layers[i % 2]
+                            return fused_forward(g.group, g.gate_up, g.down, loras[i % 2], x, ids, w, slot, block_n, block_k, warps)
+                        try:
+                            ms = event_ms(call, 50)
+                        except Exception as e:  # noqa: BLE001 - a configuration Triton rejects is skipped
+                            print(f"{block_n}x{block_k} w{warps}: {type(e).__name__}", flush=True)
+                            continue
+                        results.append((ms, block_n, block_k, warps))
+            results.sort()
+            print(f"fused sweep {name} T={T}: " + ", ".join(f"{n}x{kb} w{wp} {1e3 * ms:.1f} us" for ms, n, kb, wp in results[:6])
+                  + f"; worst {1e3 * results[-1][0]:.1f} us", flush=True)
+        del ours, loras, layers
+        empty_cache()
+
+
+def event_ms(fn, calls: int) -> float:
+    """GPU time per call of fn(i) over back-to-back calls, in ms."""
+    for i in range(3):
+        fn(i)
+    if DEVICE != "cuda":
+        return wall_ms(fn, calls, 0)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(calls):
+        fn(i)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def empty_cache():
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -285,7 +339,7 @@ def markdown(gpu_rows: list[dict], hybrid_rows: list[dict], header: str) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="gpu,hybrid")
+    p.add_argument("--parts", default="gpu,hybrid", help="gpu, hybrid, sweep (the fused kernels' block sizes)")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--tokens", default="1,32,512")
     p.add_argument("--calls", type=int, default=30)
@@ -307,6 +361,8 @@ def main():
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "no GPU (script check)"
     print(f"{card}; {cpu_name()}; torch {torch.__version__}: copy {copy_gbs:.0f} GB/s, pinned host-to-device {h2d_gbs:.1f} GB/s", flush=True)
     parts = args.parts.split(",")
+    if "sweep" in parts:
+        fused_sweep(args)
     gpu_rows = gpu_part(args, copy_gbs) if "gpu" in parts else []
     hybrid_rows = hybrid_part(args) if "hybrid" in parts else []
     header = (f"### {card}, {cpu_name()} ({available_cores()} cores), torch {torch.__version__}, {date.today()}\n\n"

@@ -3,6 +3,7 @@
 # under 10 minutes):
 #   tests    the whole test suite, GPU tests included (tests/test_gpu.py, tests/test_hybrid_model.py)
 #   layer    benchmarks/gpu_layer.py --parts gpu: the GPU MoE-LoRA layer, three shapes, 1 / 32 / 512 tokens
+#   sweep    benchmarks/gpu_layer.py --parts sweep: the fused Triton kernels' block sizes
 #   hybrid   benchmarks/gpu_layer.py --parts hybrid: 0 / 25 / 50 / 100% of the experts on the GPU
 #   e2e      benchmarks/e2e.py --device cuda at the same GPU shares
 #   scripts/device_check.sh tests layer
@@ -17,8 +18,9 @@ for part in "${@:-tests}"; do
   case "$part" in
     tests) python3 -m pytest -q -p no:cacheprovider -rfs tests 2>&1 | grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|^E  " | tail -40 | tee "$OUT/tests.txt" ;;
     layer) python3 benchmarks/gpu_layer.py --parts gpu --out "$OUT/gpu_layer.md" 2>&1 | grep -v "^|" | tee -a "$OUT/gpu_layer.log" ;;
+    sweep) python3 benchmarks/gpu_layer.py --parts sweep 2>&1 | tee -a "$OUT/sweep.log" ;;
     hybrid) python3 benchmarks/gpu_layer.py --parts hybrid --out "$OUT/hybrid.md" 2>&1 | grep -v "^|" | tee -a "$OUT/hybrid.log" ;;
     e2e) python3 benchmarks/e2e.py --device cuda --out "$OUT/e2e_gpu.md" 2>&1 | tail -16 | tee "$OUT/e2e_gpu.log" ;;
-    *) echo "usage: $0 [tests] [layer] [hybrid] [e2e]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests] [sweep] [layer] [hybrid] [e2e]" >&2; exit 2 ;;
   esac
 done

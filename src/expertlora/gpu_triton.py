@@ -115,6 +115,7 @@ def fused_forward(
     token_slots: torch.Tensor | None,  # [T]
     block_n: int = 32,
     block_k: int = 128,
+    num_warps: int = 4,
 ) -> torch.Tensor:  # [T, H] float32
     T, k = topk_ids.shape
     Eg, two_i, H = gate_up.shape
@@ -132,7 +133,7 @@ def fused_forward(
     block_r = max(16, triton.next_power_of_2(R))
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     out = torch.empty(P, H, dtype=torch.float32, device=x.device)
-    common = dict(HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r)
+    common = dict(HAS_LORA=has_lora, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=num_warps)
     _gate_up_kernel[(P, triton.cdiv(I, block_n))](
         x.contiguous(), ids, group, slots, gate_up, a_gu, b_gu, h, k, E, Eg, H, I, R, per_expert, **common)
     _down_kernel[(P, triton.cdiv(H, block_n))](
