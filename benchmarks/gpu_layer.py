@@ -4,7 +4,9 @@
     python benchmarks/gpu_layer.py --parts gpu --shapes qwen3-30b-a3b --tokens 1
 
 Part ``gpu``: our GPU backend (gpu.py) with every expert resident, bf16, LoRA r 16 on gate, up
-and down: with one adapter, without adapters, with four adapters mixed; a plain PyTorch loop
+and down: with one adapter, without adapters, with four adapters mixed (its default path: the
+fused Triton kernels up to FUSED_MAX_TOKENS tokens, the grouped matmuls beyond; at small batches
+the grouped path too, graph-replayed and op by op); a plain PyTorch loop
 over the experts (one matmul per projection and expert, LoRA included); transformers 5's
 ``grouped_mm`` experts without LoRA; and transformers + PEFT ``target_parameters`` LoRA. Each
 call takes the next of two layers (more than the GPU's L2 cache) and a fresh routing; wall time
@@ -16,6 +18,8 @@ Part ``hybrid``: the Qwen3-30B-A3B layer with 0 / 25 / 50 / 100% of each layer's
 GPU (the rest on the CPU engine), beside the CPU part alone (the CPU engine on its pairs, host
 tensors) and the GPU part alone. Overlap = hybrid / max(CPU part, GPU part). The CPU side rotates
 over more weight than the L3 holds.
+
+Part ``sweep``: the fused kernels' block sizes beside the grouped path, GPU time alone.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from datetime import date
 import torch
 
 from expertlora.engine import available_cores
-from expertlora.gpu import GpuMoELoRA
+from expertlora.gpu import FUSED_MAX_TOKENS, GRAPH_MAX_TOKENS, GpuMoELoRA
 from expertlora.hybrid import HybridMoE
 from expertlora.placement import gpu_masks
 from expertlora.slots import AdapterSlots
@@ -135,19 +139,16 @@ def gpu_part(args, copy_gbs: float) -> list[dict]:
             row["lora_ms"] = wall_ms(run(ours, one), calls, args.warmup)
             row["base_ms"] = wall_ms(run(bare, None), calls, args.warmup)
             row["mixed_ms"] = wall_ms(run(ours, mixed), calls, args.warmup)
-            row["eager_ms"] = row["fused_ms"] = row["fused_base_ms"] = float("nan")
-            if T <= 16 and DEVICE == "cuda":
-                ours.graphs = False
-                row["eager_ms"] = wall_ms(run(ours, one), calls, args.warmup)
-                ours.graphs = True
-            if T <= 16 and args.fused:  # gpu_triton's two kernels per layer (CUDA graph replay on the GPU)
-                ours.fused = bare.fused = True
-                try:
-                    row["fused_ms"] = wall_ms(run(ours, one), calls, args.warmup)
-                    row["fused_base_ms"] = wall_ms(run(bare, None), calls, args.warmup)
-                except Exception as e:  # noqa: BLE001 - reported, and the other columns still come
-                    print(f"fused Triton kernels did not run: {type(e).__name__}: {e}", flush=True)
+            row["grouped_ms"] = row["grouped_base_ms"] = row["eager_ms"] = float("nan")
+            if T <= FUSED_MAX_TOKENS and ours.fused:  # the grouped matmuls in the fused kernels' place
                 ours.fused = bare.fused = False
+                row["grouped_ms"] = wall_ms(run(ours, one), calls, args.warmup)
+                row["grouped_base_ms"] = wall_ms(run(bare, None), calls, args.warmup)
+                ours.fused = bare.fused = True
+            if T <= GRAPH_MAX_TOKENS and ours.graphs:  # the grouped path launched op by op
+                fused, ours.graphs, ours.fused = ours.fused, False, False
+                row["eager_ms"] = wall_ms(run(ours, one), calls, args.warmup)
+                ours.graphs, ours.fused = True, fused
             row["loop_ms"] = wall_ms(
                 lambda i: loop_forward(loop_weights[i % 2].gate_up, loop_weights[i % 2].down, loop_lora[i % 2], xs[i % 2], *rts[i % len(rts)]),
                 min(calls, 10), 2,
@@ -166,8 +167,9 @@ def gpu_part(args, copy_gbs: float) -> list[dict]:
 
 
 def fused_sweep(args) -> None:
-    """gpu_triton's kernels over block sizes and warps, GPU time per call (CUDA events over
-    back-to-back calls, two layers alternating), to choose the defaults."""
+    """gpu_triton's kernels over block sizes and warps beside the grouped path, GPU time per call:
+    ten calls (two layers alternating) captured in one CUDA graph and replayed, so launches and
+    Python do not count. Chooses the fused path's defaults and the batch size where it stops paying."""
     from expertlora.gpu_triton import fused_forward
 
     for name in args.shapes.split(","):
@@ -175,48 +177,62 @@ def fused_sweep(args) -> None:
         layers = {L: random_layer(E, H, I, L) for L in range(2)}
         slots = AdapterSlots(E, H, I, torch.bfloat16)
         slots.load("a", random_expert_lora(E, H, I, list(layers), ALL, alpha=ALPHA, seed=0))
-        ours = GpuMoELoRA(DEVICE, torch.bfloat16, slots)
+        ours = GpuMoELoRA(DEVICE, torch.bfloat16, slots, fused=False)
         for L, (gate_up, down) in layers.items():
             ours.add_layer(L, gate_up, down, torch.ones(E, dtype=torch.bool))
         loras = [ours._stacked(L, ours.layers[L]) for L in layers]
-        for T in (1, 4, 16):
+        for T in (1, 2, 4, 8, 16):
             ids, w = routings(T, E, k, 1, seed=T)[0]
             ids, w = ids.to(DEVICE), w.to(DEVICE)
             x = torch.randn(T, H, dtype=torch.bfloat16, device=DEVICE)
             slot = torch.zeros(T, dtype=torch.long, device=DEVICE)
+
+            def fused(blocks, lora=True):
+                def call(i):
+                    g = ours.layers[i % 2]
+                    return fused_forward(g.group, g.gate_up, g.down, loras[i % 2] if lora else None, x, ids, w,
+                                         slot if lora else None, *blocks)
+                return call
+
             results = []
-            for block_n in (16, 32, 64):
-                for block_k in (64, 128, 256):
-                    for warps in (2, 4, 8):
-                        def call(i):
-                            g = ours.layers[i % 2]
-                            return fused_forward(g.group, g.gate_up, g.down, loras[i % 2], x, ids, w, slot, block_n, block_k, warps)
-                        try:
-                            ms = event_ms(call, 50)
-                        except Exception as e:  # noqa: BLE001 - a configuration Triton rejects is skipped
-                            print(f"{block_n}x{block_k} w{warps}: {type(e).__name__}", flush=True)
-                            continue
-                        results.append((ms, block_n, block_k, warps))
+            for blocks in ((n, kb, wp) for n in (8, 16, 32, 64) for kb in (64, 128, 256) for wp in (4, 8)):
+                try:
+                    results.append((graph_us(fused(blocks)), blocks))
+                except Exception as e:  # noqa: BLE001 - a configuration Triton rejects is skipped
+                    print(f"{blocks}: {type(e).__name__}: {e}"[:200], flush=True)
             results.sort()
-            print(f"fused sweep {name} T={T}: " + ", ".join(f"{n}x{kb} w{wp} {1e3 * ms:.1f} us" for ms, n, kb, wp in results[:6])
-                  + f"; worst {1e3 * results[-1][0]:.1f} us", flush=True)
+            best = results[0][1]
+            grouped = graph_us(lambda i: ours._forward(i % 2, x, ids, w, slot))
+            grouped_base = graph_us(lambda i: ours._forward(i % 2, x, ids, w, None))
+            print(f"sweep {name} T={T}: grouped + LoRA {grouped:.1f} us (no LoRA {grouped_base:.1f}); fused + LoRA "
+                  + ", ".join(f"{n}x{kb} w{wp} {us:.1f}" for us, (n, kb, wp) in results[:5])
+                  + f" (no LoRA {graph_us(fused(best, lora=False)):.1f}); worst {results[-1][0]:.1f} us", flush=True)
         del ours, loras, layers
         empty_cache()
 
 
-def event_ms(fn, calls: int) -> float:
-    """GPU time per call of fn(i) over back-to-back calls, in ms."""
-    for i in range(3):
-        fn(i)
+def graph_us(fn, calls: int = 10) -> float:
+    """GPU time per call of fn(i), i = 0 .. calls - 1, captured in one CUDA graph, in us."""
     if DEVICE != "cuda":
-        return wall_ms(fn, calls, 0)
+        return 1e3 * wall_ms(fn, calls, 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(2):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for i in range(calls):
-        fn(i)
+    for _ in range(3):
+        graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / calls
+    return 1e3 * start.elapsed_time(end) / (3 * calls)
 
 
 def empty_cache():
@@ -311,8 +327,8 @@ def profile_calls(fn, calls: int) -> None:
 
 def _gpu_line(r: dict) -> str:
     return (f"{r['shape']:17s} T={r['tokens']:4d}  LoRA {r['lora_ms']:.3f} ms  base {r['base_ms']:.3f}  x{r['lora_ms'] / r['base_ms']:.2f}  "
-            f"mixed4 x{r['mixed_ms'] / r['lora_ms']:.2f}  eager {r['eager_ms']:.3f}  fused {r['fused_ms']:.3f} (no LoRA {r['fused_base_ms']:.3f})  "
-            f"loop {r['loop_ms']:.2f}  "
+            f"mixed4 x{r['mixed_ms'] / r['lora_ms']:.2f}  grouped {r['grouped_ms']:.3f} (no LoRA {r['grouped_base_ms']:.3f})  "
+            f"eager {r['eager_ms']:.3f}  loop {r['loop_ms']:.2f}  "
             f"transformers {r['hf_ms']:.3f}  PEFT {r['peft_ms']:.2f} ({r['peft_ms'] / r['lora_ms']:.0f}x)  "
             f"{r['gbs']:.0f} GB/s ({r['copy_pct']:.0f}% of copy)")
 
@@ -320,12 +336,12 @@ def _gpu_line(r: dict) -> str:
 def markdown(gpu_rows: list[dict], hybrid_rows: list[dict], header: str) -> str:
     out = [header, ""]
     if gpu_rows:
-        out += ["| shape | tokens | ours + LoRA ms | ours no LoRA ms | LoRA / no LoRA | 4 adapters mixed / 1 | ours + LoRA, no CUDA graph ms | "
-                "fused Triton + LoRA ms | fused Triton no LoRA ms | "
+        out += ["| shape | tokens | ours + LoRA ms | ours no LoRA ms | LoRA / no LoRA | 4 adapters mixed / 1 | "
+                "grouped matmuls + LoRA ms | grouped no LoRA ms | grouped + LoRA, no CUDA graph ms | "
                 "GB/s (% of copy) | PyTorch per-expert loop + LoRA ms | transformers grouped_mm, no LoRA ms | PEFT ms | PEFT / ours |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         out += [f"| {r['shape']} | {r['tokens']} | {r['lora_ms']:.3f} | {r['base_ms']:.3f} | {r['lora_ms'] / r['base_ms']:.2f} | "
-                f"{r['mixed_ms'] / r['lora_ms']:.2f} | {r['eager_ms']:.3f} | {r['fused_ms']:.3f} | {r['fused_base_ms']:.3f} | "
+                f"{r['mixed_ms'] / r['lora_ms']:.2f} | {r['grouped_ms']:.3f} | {r['grouped_base_ms']:.3f} | {r['eager_ms']:.3f} | "
                 f"{r['gbs']:.0f} ({r['copy_pct']:.0f}%) | {r['loop_ms']:.2f} | "
                 f"{r['hf_ms']:.3f} | {r['peft_ms']:.2f} | {r['peft_ms'] / r['lora_ms']:.0f}x |" for r in gpu_rows]
         out.append("")
@@ -341,13 +357,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="gpu,hybrid", help="gpu, hybrid, sweep (the fused kernels' block sizes)")
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--tokens", default="1,32,512")
+    p.add_argument("--tokens", default="1,4,16,32,512")
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="CPU engine threads in the hybrid part (default: cores - 1)")
     p.add_argument("--cache-mb", type=int, default=300, help="the CPU's L3 in MiB (the hybrid part's rotation covers 4x)")
     p.add_argument("--hybrid-shape", default="qwen3-30b-a3b")
-    p.add_argument("--no-fused", dest="fused", action="store_false", help="skip the fused Triton kernels (needs triton)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table for the hybrid layer at 50%% and 1 token")
     p.add_argument("--device", default="cuda", help="cuda; cpu only checks the script (with --shapes tiny --hybrid-shape tiny)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")

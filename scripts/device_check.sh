@@ -18,7 +18,7 @@ for part in "${@:-tests}"; do
   case "$part" in
     tests) python3 -m pytest -q -p no:cacheprovider -rfs tests 2>&1 | grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|^E  " | tail -40 | tee "$OUT/tests.txt" ;;
     layer) python3 benchmarks/gpu_layer.py --parts gpu --out "$OUT/gpu_layer.md" 2>&1 | grep -v "^|" | tee -a "$OUT/gpu_layer.log" ;;
-    sweep) python3 benchmarks/gpu_layer.py --parts sweep 2>&1 | tee -a "$OUT/sweep.log" ;;
+    sweep) python3 benchmarks/gpu_layer.py --parts sweep --shapes qwen3-30b-a3b,mixtral-8x7b 2>&1 | tee -a "$OUT/sweep.log" ;;
     hybrid) python3 benchmarks/gpu_layer.py --parts hybrid --out "$OUT/hybrid.md" 2>&1 | grep -v "^|" | tee -a "$OUT/hybrid.log" ;;
     e2e) python3 benchmarks/e2e.py --device cuda --out "$OUT/e2e_gpu.md" 2>&1 | tail -16 | tee "$OUT/e2e_gpu.log" ;;
     *) echo "usage: $0 [tests] [sweep] [layer] [hybrid] [e2e]" >&2; exit 2 ;;

@@ -87,11 +87,12 @@ class GpuMoELoRA:
         device: str | torch.device = "cuda",
         dtype: torch.dtype = torch.bfloat16,
         slots: AdapterSlots | None = None,  # the adapters; HybridMoE shares the CPU engine's
-        fused: bool = False,
+        fused: bool | None = None,
     ):
-        """``fused``: small batches run the fused Triton kernels (gpu_triton.py) instead of the
-        grouped matmuls; off until measured on the device."""
-        self.device, self.dtype, self.slots, self.fused = torch.device(device), dtype, slots, fused
+        """``fused``: batches of up to FUSED_MAX_TOKENS tokens run the fused Triton kernels
+        (gpu_triton.py) instead of the grouped matmuls; default: on CUDA where triton is installed."""
+        self.device, self.dtype, self.slots = torch.device(device), dtype, slots
+        self.fused = self.device.type == "cuda" and _has_triton() if fused is None else fused
         self.layers: dict[int, GpuLayer] = {}
         self._loras: dict[int, GpuLoRA] = {}  # layer -> every slot's LoRA, stacked
         # Graphs need a path that never waits on the GPU: the per-expert loop reads group sizes,
@@ -251,6 +252,15 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Te
             out[start:end] = x[start:end] @ w[j].T
         start = end
     return out
+
+
+@cache
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @cache
