@@ -218,6 +218,28 @@ def test_fused_kernels_match_reference(device, method, T, triton_here):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fused_kernels_with_many_blocks(device, triton_here):
+    """Blocks smaller than every dimension: the kernels' loops over blocks and chunks, and the
+    sums of their partial shrinks, are exercised (the defaults cover the tiny layer in one)."""
+    from expertlora.gpu_triton import fused_forward
+
+    mask = torch.ones(E, dtype=torch.bool)
+    mask[5] = False
+    gpu, (gate, up, down), ads = backend("fp32", device, mask)
+    T = 4
+    ids, w = routing(T, E, K, seed=21)
+    names = ["a", "c", None, "b"]
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(4))
+    g = gpu.layers[LAYER]
+    lora = gpu._stacked(LAYER, g)
+    slots = gpu.slots.token_slots(names).to(device)
+    y = fused_forward(g.group, g.gate_up, g.down, lora, x.to(device), ids.to(device), w.to(device), slots,
+                      block_n=8, block_k=16, num_warps=2, shrink_chunk=16)
+    ref = reference_moe(x.double(), ids.masked_fill(ids == 5, -1), w, gate, up, down, token_loras(names, ads))
+    assert rel(y.cpu(), ref) < TOLERANCE["fp32"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_tokens_without_adapter_are_bit_identical_to_base(device, triton_here):
     mask = torch.ones(E, dtype=torch.bool)
     with_adapters, _, _ = backend("bf16", device, mask)

@@ -28,8 +28,12 @@ RANK_MULTIPLE = 8
 # Batches up to this many tokens (decode) replay a CUDA graph per layer: at one token the work is
 # tens of microseconds and launching some thirty kernels one by one would cost more.
 GRAPH_MAX_TOKENS = 16
-# With fused=True, batches up to this many tokens run gpu_triton's two kernels per layer.
+# With fused on, batches up to this many tokens run gpu_triton's kernels, if their routed pairs are
+# at most FUSED_MAX_PAIRS_PER_EXPERT times the layer's experts: the fused kernels read an expert's
+# weights once per pair, the grouped matmuls once per expert. On the H200, Mixtral (8 experts, top-2)
+# gained at 16 pairs and lost at 32; Qwen3 (128, top-8) gained at 128 (gpu_layer.py --parts sweep).
 FUSED_MAX_TOKENS = 16
+FUSED_MAX_PAIRS_PER_EXPERT = 2
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,8 @@ class GpuMoELoRA:
         slots: AdapterSlots | None = None,  # the adapters; HybridMoE shares the CPU engine's
         fused: bool | None = None,
     ):
-        """``fused``: batches of up to FUSED_MAX_TOKENS tokens run the fused Triton kernels
-        (gpu_triton.py) instead of the grouped matmuls; default: on CUDA where triton is installed."""
+        """``fused``: small batches (FUSED_MAX_TOKENS) run the fused Triton kernels (gpu_triton.py)
+        instead of the grouped matmuls; default: on CUDA where triton is installed."""
         self.device, self.dtype, self.slots = torch.device(device), dtype, slots
         self.fused = self.device.type == "cuda" and _has_triton() if fused is None else fused
         self.layers: dict[int, GpuLayer] = {}
@@ -141,7 +145,8 @@ class GpuMoELoRA:
         topk_weights: torch.Tensor,  # [T, k]
         token_slots: torch.Tensor | None = None,  # [T] on the device; None: no adapter anywhere
     ) -> torch.Tensor:  # [T, H] float32: the resident experts' share of the layer's output
-        if not (self.graphs and x.is_cuda and x.shape[0] <= GRAPH_MAX_TOKENS):
+        if not (self.graphs and x.is_cuda and x.shape[0] <= GRAPH_MAX_TOKENS) or torch.cuda.is_current_stream_capturing():
+            # (inside a graph the caller captures, e.g. a whole decode step, the ops are captured as they are)
             return self._forward(layer, x, topk_ids, topk_weights, token_slots)
         if token_slots is not None and len(self.slots):
             self._stacked(layer, self.layers[layer])  # a changed adapter set drops the layer's graphs
@@ -177,7 +182,7 @@ class GpuMoELoRA:
         T, k = topk_ids.shape
         Eg, H, I = g.gate_up.shape[0], g.gate_up.shape[2], g.down.shape[2]
         lora = self._stacked(layer, g) if token_slots is not None and len(self.slots) else None
-        if self.fused and T <= FUSED_MAX_TOKENS:
+        if self.fused and T <= FUSED_MAX_TOKENS and T * k <= FUSED_MAX_PAIRS_PER_EXPERT * (g.group.numel() - 1):
             from .gpu_triton import fused_forward
 
             return fused_forward(g.group, g.gate_up, g.down, lora, x, topk_ids, topk_weights, token_slots)

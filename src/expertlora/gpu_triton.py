@@ -1,10 +1,10 @@
 """Fused Triton kernels for small batches of the GPU backend (decode): each routed pair's whole
 expert MLP with its LoRA in three kernels, where the grouped path launches some thirty PyTorch ops.
 
-    shrink kernel (with a LoRA), one program per pair p:
-        s_p = A_gu[e, s]·x_t
+    shrink kernel (with a LoRA), one program per (pair p, chunk c of H):
+        s_{p,c} = A_gu[e, s][:, c]·x_t[c]
     gate_up kernel, one program per (pair p, block b of I):
-        g, u = W_gu[e]·x_t + B_gu[e, s]·s_p;  h_p = silu(g) * u
+        g, u = W_gu[e]·x_t + B_gu[e, s]·Σ_c s_{p,c};  h_p = silu(g) * u
         part_{p,b} = A_d[e, s][:, b]·h_p[b]                      (with a LoRA)
     down kernel, one program per (pair p, block of H):
         out_p = w_p · (W_d[e]·h_p + B_d[e, s]·Σ_b part_{p,b})      (0 where e is not resident)
@@ -45,27 +45,25 @@ def _shrink_kernel(
     k, E, Eg, H, R, per_expert,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """s_p = A_gu[e, s]·x_t, once per pair (the gate/up programs of the pair all need it)."""
+    """s_{p,c} = A_gu[e, s][:, chunk c]·x_t[chunk c], one program per (pair, chunk of H); the
+    gate/up programs sum the chunks."""
     p = tl.program_id(0)
+    c = tl.program_id(1)
     t = p // k
     e, _ = _expert_of(ids_ptr, group_ptr, p, E, Eg)
     a_l = a_ptr + _lora_group(slots_ptr, t, e, per_expert) * (R * H)
     r = tl.arange(0, BLOCK_R)
-    r_ok = r < R
-    shrink = tl.zeros([BLOCK_R], tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < H
-        xv = tl.load(x_ptr + t * H + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        a = tl.load(a_l + r[:, None] * H + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        shrink += tl.sum(a.to(tl.float32) * xv, axis=1)
-    tl.store(s_ptr + p * BLOCK_R + r, shrink)
+    kk = c * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = kk < H
+    xv = tl.load(x_ptr + t * H + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    a = tl.load(a_l + r[:, None] * H + kk[None, :], mask=(r < R)[:, None] & k_ok[None, :], other=0.0)
+    tl.store(s_ptr + (p * tl.num_programs(1) + c) * BLOCK_R + r, tl.sum(a.to(tl.float32) * xv, axis=1))
 
 
 @triton.jit
 def _gate_up_kernel(
     x_ptr, ids_ptr, group_ptr, slots_ptr, w_ptr, s_ptr, b_ptr, a_down_ptr, h_ptr, part_ptr,
-    k, E, Eg, H, I, R, per_expert,
+    k, E, Eg, H, I, R, per_expert, chunks,
     HAS_LORA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """h_p[n-block] = silu(g)·u with gate/up = W_gu[e]·x_t + B_gu[e, s]·s_p; with a LoRA also this
@@ -90,7 +88,10 @@ def _gate_up_kernel(
         lora = _lora_group(slots_ptr, t, e, per_expert)
         r = tl.arange(0, BLOCK_R)
         r_ok = r < R
-        s = tl.load(s_ptr + p * BLOCK_R + r)[None, :]
+        s = tl.zeros([BLOCK_R], tl.float32)
+        for c in range(0, chunks):  # a fixed order: the same bits every run
+            s += tl.load(s_ptr + (p * chunks + c) * BLOCK_R + r)
+        s = s[None, :]
         b_l = b_ptr + lora * (2 * I * R)
         tile = n_ok[:, None] & r_ok[None, :]
         g += tl.sum(tl.load(b_l + n[:, None] * R + r[None, :], mask=tile, other=0.0).to(tl.float32) * s, axis=1)
@@ -144,9 +145,10 @@ def fused_forward(
     topk_ids: torch.Tensor,  # [T, k]
     topk_weights: torch.Tensor,  # [T, k]
     token_slots: torch.Tensor | None,  # [T]
-    block_n: int = 32,
-    block_k: int = 128,
-    num_warps: int = 4,
+    block_n: int = 16,  # the fastest at decode on the H200 (gpu_layer.py --parts sweep)
+    block_k: int = 256,
+    num_warps: int = 8,
+    shrink_chunk: int = 256,  # the gate/up shrink runs over chunks of H: many programs, not one per pair
 ) -> torch.Tensor:  # [T, H] float32
     T, k = topk_ids.shape
     Eg, two_i, H = gate_up.shape
@@ -154,25 +156,25 @@ def fused_forward(
     x = x.contiguous()
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
-    parts = triton.cdiv(I, block_n)
+    parts, chunks = triton.cdiv(I, block_n), triton.cdiv(H, shrink_chunk)
     h = torch.empty(P, I, dtype=torch.float32, device=x.device)
     out = torch.empty(P, H, dtype=torch.float32, device=x.device)
     if lora is not None:
         R, per_expert = lora.a_gate_up.shape[1], lora.a_gate_up.shape[0] // Eg
         block_r = max(16, triton.next_power_of_2(R))
         slots = token_slots.contiguous()
-        shrink = torch.empty(P, block_r, dtype=torch.float32, device=x.device)
+        shrink = torch.empty(P, chunks, block_r, dtype=torch.float32, device=x.device)
         part = torch.empty(P, parts, block_r, dtype=torch.float32, device=x.device)
-        _shrink_kernel[(P,)](x, ids, group, slots, lora.a_gate_up, shrink, k, E, Eg, H, R, per_expert,
-                             BLOCK_K=256, BLOCK_R=block_r, num_warps=num_warps)
+        _shrink_kernel[(P, chunks)](x, ids, group, slots, lora.a_gate_up, shrink, k, E, Eg, H, R, per_expert,
+                                    BLOCK_K=shrink_chunk, BLOCK_R=block_r, num_warps=num_warps)
         a_d, b_gu, b_d = lora.a_down, lora.b_gate_up, lora.b_down
     else:  # the LoRA arguments are not read
-        R, per_expert, block_r, slots = 1, 1, 16, ids
+        R, per_expert, block_r, slots, chunks = 1, 1, 16, ids, 1
         shrink = part = h
         a_d = b_gu = b_d = gate_up
     common = dict(HAS_LORA=lora is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=num_warps)
     _gate_up_kernel[(P, parts)](
-        x, ids, group, slots, gate_up, shrink, b_gu, a_d, h, part, k, E, Eg, H, I, R, per_expert, **common)
+        x, ids, group, slots, gate_up, shrink, b_gu, a_d, h, part, k, E, Eg, H, I, R, per_expert, chunks, **common)
     _down_kernel[(P, triton.cdiv(H, block_n))](
         h, ids, group, slots, weights, down, part, b_d, out, k, E, Eg, H, I, R, per_expert, parts, **common)
     return out.view(T, k, H).sum(1)
