@@ -15,7 +15,8 @@ short warm-up first (PEFT's row does not: one step takes seconds).
 
 With --device cuda, transformers and PEFT run wholly on the GPU, and expertlora (bf16) runs the
 non-expert layers there with --gpu-shares percent of each layer's experts (uniform placement),
-the rest on the CPU engine.
+the rest on the CPU engine. With every expert on the GPU, a further row decodes with
+decode.greedy_decode, each step replayed as one CUDA graph.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import os
 import tempfile
 import time
+import traceback
 import warnings
 from datetime import date
 from pathlib import Path
@@ -68,6 +70,23 @@ def _decode(model, prompt: torch.Tensor, new_tokens: int, **kw) -> tuple[float, 
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         int(token[0, 0])
         return prefill, new_tokens / (time.perf_counter() - t0)
+
+
+def graph_decode_speed(lm, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Decode tokens/s of decode.greedy_decode's replayed steps: two runs differing by
+    new_tokens * 4 steps, so the difference holds only replays (the prefill, the eager first step
+    and the capture are in both)."""
+    from expertlora.decode import greedy_decode
+
+    times = []
+    for n in (8, 8 + 4 * new_tokens):
+        greedy_decode(lm, prompt, n)  # warm: compiles, allocator
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        greedy_decode(lm, prompt, n)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 4 * new_tokens / (times[1] - times[0])
 
 
 def main():
@@ -132,6 +151,13 @@ def main():
                 lm.use([name])
                 rows.append((f"expertlora {'+ adapter' if name else 'no adapter'}{label}", method, *speeds(lm.model, prompt, args.new_tokens)))
                 print(rows[-1], flush=True)
+                if args.device != "cpu" and placement["gpu_masks"] and all(bool(m.all()) for m in placement["gpu_masks"].values()):
+                    try:
+                        rows.append((f"{rows[-1][0]}, decode step as one CUDA graph", method, rows[-1][2],
+                                     graph_decode_speed(lm, prompt, args.new_tokens)))
+                        print(rows[-1], flush=True)
+                    except Exception:  # noqa: BLE001 - reported; the other rows still come
+                        traceback.print_exc()
             del lm
             if args.device != "cpu":
                 torch.cuda.empty_cache()

@@ -124,7 +124,7 @@ def test_run_and_profile_commands_on_the_gpu(tmp_path, model_dir, fused_adapter)
               "--ignore-eos", "--method", "fp32", "--json", "--no-progress"]
     on_cpu = runner.invoke(app, common)
     for placement in (["--gpu-experts", "3", "--placement", str(tmp_path / "stats.json")], ["--gpu-experts-ratio", "0.5", "--placement", "uniform"],
-                      ["--kt-num-gpu-experts", "6"]):
+                      ["--kt-num-gpu-experts", "6"], ["--gpu-experts-ratio", "1"]):
         on_gpu = runner.invoke(app, [*common, "--device", "cuda", *placement])
         assert on_gpu.exit_code == 0, (placement, on_gpu.output)
         assert json.loads(on_gpu.stdout)["token_ids"] == json.loads(on_cpu.stdout)["token_ids"], placement

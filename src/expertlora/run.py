@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .decode import graph_ready, greedy_decode
 from .integration import LoadedModel
 
 
@@ -66,15 +67,28 @@ def generate(lm: LoadedModel, prompt_ids: list[int], adapter: str | None, sampli
         kwargs["min_new_tokens"] = sampling.max_new_tokens
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(lm.model.config, "pad_token_id", None) or 0
     start = time.perf_counter()
-    with torch.no_grad():
-        out = lm.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=pad, **kwargs,
-        )
+    if sampling.temperature == 0 and ids.is_cuda and graph_ready(lm):  # greedy, all on the GPU: steps replayed as a graph
+        new = _until_eos(greedy_decode(lm, ids, sampling.max_new_tokens)[0].tolist(), lm, sampling)
+    else:
+        with torch.no_grad():
+            out = lm.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=sampling.max_new_tokens,
+                pad_token_id=pad, **kwargs,
+            )
+        new = out[0, len(prompt_ids):].tolist()
     seconds = time.perf_counter() - start
-    new = out[0, len(prompt_ids):].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
     return Generation(new, text, len(prompt_ids), len(new) / seconds if seconds > 0 else float("inf"), adapter)
+
+
+def _until_eos(tokens: list[int], lm: LoadedModel, sampling: Sampling) -> list[int]:
+    """Greedy tokens cut after the first end-of-sequence token, as generate() stops there."""
+    eos = lm.model.generation_config.eos_token_id
+    eos = set() if sampling.ignore_eos or eos is None else {eos} if isinstance(eos, int) else set(eos)
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: i + 1]
+    return tokens
 
 
 @dataclass

@@ -1,0 +1,80 @@
+"""Greedy decoding with the whole decode step replayed as one CUDA graph.
+
+transformers runs a decode step op by op: on the GPU, a small MoE model's step is a few hundred
+launches whose host time far exceeds the GPU's work. With every expert on the GPU nothing in a
+step needs the host, so the step is captured once and replayed:
+
+    prefill (eager, StaticCache)  ->  step 1 (eager: warms up and compiles)  ->  capture step
+    ->  replay per token: logits -> argmax -> the next step's input token, all on the GPU
+
+The KV cache is transformers' StaticCache (fixed addresses, as a graph needs). The adapters are
+those selected with ``LoadedModel.use`` before the call. Without CUDA, or with ``graph=False``,
+the same steps run eagerly (tests check the two against transformers' own cache).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .integration import LoadedModel
+
+
+def greedy_decode(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int, graph: bool = True) -> torch.Tensor:
+    """``input_ids`` [B, S] on the model's device -> the [B, max_new_tokens] greedy tokens that
+    follow (no stop at EOS). ``graph``: replay steps 2.. from one CUDA graph (needs CUDA and every
+    expert on the GPU)."""
+    from transformers import StaticCache
+
+    model = lm.model
+    B, S = input_ids.shape
+    graph = graph and input_ids.is_cuda
+    if graph and not graph_ready(lm):
+        raise ValueError("a CUDA graph decode needs every expert on the GPU (--gpu-experts-ratio 1), in bf16")
+    cache = StaticCache(config=model.config, max_cache_len=S + max_new_tokens)
+    generated = torch.empty(B, max_new_tokens, dtype=torch.long, device=input_ids.device)
+    token = torch.empty(B, 1, dtype=torch.long, device=input_ids.device)  # the step's input, then its output
+    position = torch.full((1,), S, dtype=torch.long, device=input_ids.device)
+
+    def step():
+        """One decode step: ``token`` (at ``position``) is recorded and replaced by the next."""
+        generated.index_copy_(1, position - S, token)
+        logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        token.copy_(logits[:, -1:].argmax(-1))
+        position.add_(1)
+
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, past_key_values=cache, cache_position=torch.arange(S, device=input_ids.device),
+                       use_cache=True).logits
+        token.copy_(logits[:, -1:].argmax(-1))
+        if max_new_tokens == 1:
+            generated.copy_(token)
+            return generated
+        if not graph:
+            for _ in range(max_new_tokens - 1):
+                step()
+            generated[:, -1:] = token
+            return generated
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the first step, eager: caches and kernels warm before capture
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        replay = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(replay):
+            step()
+        for _ in range(max_new_tokens - 2):
+            replay.replay()
+        generated[:, -1:] = token
+        return generated
+
+
+def graph_ready(lm: LoadedModel) -> bool:
+    """Whether a decode step can be captured: every expert on the GPU, on a path that never
+    waits for the GPU (bf16, where the grouped matmuls run on the device)."""
+    from .hybrid import HybridMoE
+
+    engine = lm.engine
+    if not isinstance(engine, HybridMoE) or not engine.gpu.graphs:
+        return False
+    E = engine.cpu.slots.shape[0]
+    return all(engine.gpu.num_resident(L) == E for L in engine.gpu.layers)
