@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertlora.decode import greedy_decode
+from expertlora.decode import GRAPH_FAMILIES, greedy_decode
 from expertlora.integration import load_model
 
 from .conftest import FAMILIES
@@ -40,7 +40,7 @@ def test_static_cache_decode_gives_transformers_tokens(family, model_dir, adapte
 
 
 @CUDA
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", GRAPH_FAMILIES)
 def test_cuda_graph_decode_equals_eager(family, model_dir, adapters):  # noqa: F811
     """Every expert on the GPU, bf16: the replayed steps give the eager steps' tokens (the same
     kernels). (Against transformers' own loop the CPU test checks in fp32: in bf16 its dynamic
@@ -55,8 +55,10 @@ def test_cuda_graph_decode_equals_eager(family, model_dir, adapters):  # noqa: F
 
 
 @CUDA
-def test_cuda_graph_decode_needs_every_expert_on_the_gpu(model_dir, adapters):  # noqa: F811
-    base, ads = adapters("qwen3_moe")
-    lm = load_model(model_dir("qwen3_moe"), "bf16", device="cuda", gpu_masks=masks("prefix", base, 1), threads=2)
-    with pytest.raises(ValueError, match="needs every expert on the GPU"):
+@pytest.mark.parametrize(("family", "share"), [("qwen3_moe", 1), ("deepseek_v3", None)])
+def test_cuda_graph_decode_refuses_what_it_cannot_replay(family, share, model_dir, adapters):  # noqa: F811
+    """Experts left on the CPU, or a family not checked: a one-line error, and run decodes eagerly."""
+    base, _ = adapters(family)
+    lm = load_model(model_dir(family), "bf16", device="cuda", gpu_masks=masks("prefix", base, share or base.num_experts), threads=2)
+    with pytest.raises(ValueError, match="needs every expert on the GPU .*, in bf16, and a model of qwen3_moe"):
         greedy_decode(lm, prompt(1, 4, seed=1).cuda(), 3)

@@ -18,6 +18,11 @@ import torch
 
 from .integration import LoadedModel
 
+# Families whose graph decode equals their eager decode on the H200 (tests/test_decode.py). The tiny
+# DeepSeek-V2 / V3 models (multi-head latent attention) hit a CUDA "misaligned address" in that
+# test, not yet located: they decode eagerly.
+GRAPH_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
+
 
 def greedy_decode(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int, graph: bool = True) -> torch.Tensor:
     """``input_ids`` [B, S] on the model's device -> the [B, max_new_tokens] greedy tokens that
@@ -29,7 +34,8 @@ def greedy_decode(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int,
     B, S = input_ids.shape
     graph = graph and input_ids.is_cuda
     if graph and not graph_ready(lm):
-        raise ValueError("a CUDA graph decode needs every expert on the GPU (--gpu-experts-ratio 1), in bf16")
+        raise ValueError(f"a CUDA graph decode needs every expert on the GPU (--gpu-experts-ratio 1), in bf16, and a model "
+                         f"of {', '.join(GRAPH_FAMILIES)}")
     cache = StaticCache(config=model.config, max_cache_len=S + max_new_tokens)
     generated = torch.empty(B, max_new_tokens, dtype=torch.long, device=input_ids.device)
     token = torch.empty(B, 1, dtype=torch.long, device=input_ids.device)  # the step's input, then its output
@@ -70,11 +76,12 @@ def greedy_decode(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int,
 
 def graph_ready(lm: LoadedModel) -> bool:
     """Whether a decode step can be captured: every expert on the GPU, on a path that never
-    waits for the GPU (bf16, where the grouped matmuls run on the device)."""
+    waits for the GPU (bf16, where the grouped matmuls run on the device), in a family whose
+    replayed decode was checked on a GPU."""
     from .hybrid import HybridMoE
 
     engine = lm.engine
-    if not isinstance(engine, HybridMoE) or not engine.gpu.graphs:
+    if lm.model.config.model_type not in GRAPH_FAMILIES or not isinstance(engine, HybridMoE) or not engine.gpu.graphs:
         return False
     E = engine.cpu.slots.shape[0]
     return all(engine.gpu.num_resident(L) == E for L in engine.gpu.layers)
