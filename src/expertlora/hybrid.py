@@ -8,9 +8,11 @@ Per layer call, in this order:
      waits on the GPU; at decode it is one CUDA graph replay);
   3. the CPU engine runs its pairs as soon as the copies have landed, while the GPU works;
   4. the CPU result goes back to the GPU (pinned, non-blocking) and is added.
-Step 3 runs on this thread by default. With ``worker=True`` it runs on a worker thread that
-starts before step 2 (the kernel releases the GIL): that keeps the overlap where the GPU part
-has to wait on the GPU (devices without grouped matmuls), at the cost of a thread hand-off.
+Step 3 runs on a worker thread that starts before step 2 (the kernel releases the GIL) for
+batches of WORKER_TOKENS, on this thread otherwise. The hand-off costs more than it saves at
+decode, where the GPU part's host time is small; at 32 tokens, where launching the GPU part takes
+longer, the worker kept the overlap on the H200 host (BENCHMARKS.md). ``worker=True`` / ``False``
+forces either.
 Layers with all experts on one side skip the other. Without a GPU device the same code runs
 with both parts on the CPU (CI checks the split that way).
 """
@@ -28,12 +30,17 @@ from .gpu import GpuMoELoRA
 from .lora import ExpertLoRA
 from .quantize import DEFAULT_GROUP_SIZE
 
+# Batch sizes whose CPU part runs on the worker thread by default. Measured on the H200 host (two
+# sessions): the worker won at 32 tokens (hybrid / slower part 1.03-1.06 against 1.06-1.25 inline),
+# lost at 1 token, and was mixed at 512; sizes in between were not measured.
+WORKER_TOKENS = range(32, 257)
+
 
 class HybridMoE:
     """The engine API of MoELoRAEngine, over a CPU engine and a GPU backend sharing one set of
     adapter slots."""
 
-    def __init__(self, cpu: MoELoRAEngine, gpu: GpuMoELoRA, worker: bool = False):
+    def __init__(self, cpu: MoELoRAEngine, gpu: GpuMoELoRA, worker: bool | None = None):
         """``cpu`` holds, per layer, exactly the experts ``gpu`` does not (see ``build``)."""
         E = cpu.slots.shape[0]
         for L, g in gpu.layers.items():
@@ -43,7 +50,8 @@ class HybridMoE:
         gpu.slots = cpu.slots  # one set of adapters: a slot means the same adapter on both sides
         self.cpu, self.gpu, self.slots = cpu, gpu, cpu.slots
         self.layers = cpu.layers
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts") if worker else None
+        self.worker = worker  # None: for batches of WORKER_TOKENS
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts") if worker is not False else None
         self._host: dict[str, torch.Tensor] = {}  # pinned staging buffers, grown as needed
         self._slots_source = self._slots_device = None
 
@@ -56,7 +64,7 @@ class HybridMoE:
         group_size: int = DEFAULT_GROUP_SIZE,
         device: str | torch.device = "cuda",
         threads: int | None = None,
-        worker: bool = False,
+        worker: bool | None = None,
         kernel: str = "auto",
     ) -> HybridMoE:
         """Split each layer as it comes (one layer in memory at full precision): the experts of
@@ -105,7 +113,7 @@ class HybridMoE:
         cpu_part = None
         if on_gpu < E:
             cpu_part = self._cpu_part(layer, x, self.gpu.elsewhere(layer, topk_ids), topk_weights, token_slots)
-            if self._worker is not None:
+            if self.worker or (self.worker is None and x.shape[0] in WORKER_TOKENS):
                 cpu_part = self._worker.submit(cpu_part).result
         y = self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device))
         if cpu_part is not None:
