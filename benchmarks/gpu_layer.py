@@ -289,7 +289,7 @@ def hybrid_part(args) -> list[dict]:
             x = torch.randn(T, H, dtype=torch.bfloat16)
             x_gpu = x.to(DEVICE)
             gpu_rts = [(ids.to(DEVICE), w.to(DEVICE)) for ids, w in rts]
-            cpu_rts = [(gpu.elsewhere(0, ids.to(DEVICE)).cpu(), w) for ids, w in rts]  # uniform masks are alike per layer
+            cpu_rts = [(gpu.elsewhere(0, ids), w) for ids, w in rts]  # uniform masks are alike per layer
             slots_cpu = torch.zeros(T, dtype=torch.long)
             slots_gpu = slots_cpu.to(DEVICE)
             L = lambda i: i % n_layers  # noqa: E731

@@ -41,7 +41,7 @@ class GpuLayer:
     """One layer's resident experts."""
 
     group: torch.Tensor  # [E + 1] int64: expert id -> resident index; Eg (skip) for the rest and for id E
-    elsewhere: torch.Tensor  # [E + 1] int64: expert id -> its index among the experts not resident here, -1 if resident (and for id E)
+    elsewhere: torch.Tensor  # [E + 1] int64, on the CPU: expert id -> its index among the experts not resident here, -1 if resident (and for id E)
     resident: torch.Tensor  # [Eg] int64 expert ids, on the CPU
     gate_up: torch.Tensor  # [Eg, 2I, H]
     down: torch.Tensor  # [Eg, H, I]
@@ -123,7 +123,7 @@ class GpuMoELoRA:
         elsewhere = torch.full((E + 1,), -1, dtype=torch.int64)
         elsewhere[(~mask).nonzero().squeeze(1)] = torch.arange(E - len(resident))
         self.layers[layer] = GpuLayer(
-            group.to(self.device), elsewhere.to(self.device), resident,
+            group.to(self.device), elsewhere, resident,
             gate_up.index_select(0, resident).to(self.device, self.dtype).contiguous(),
             down.index_select(0, resident).to(self.device, self.dtype).contiguous(),
         )
@@ -132,8 +132,8 @@ class GpuMoELoRA:
         return len(self.layers[layer].resident)
 
     def elsewhere(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """[T, k] the pairs this backend does not run, as indices among the experts it does not
-        hold (the CPU engine holds just those, in id order); -1 for the pairs it runs."""
+        """[T, k] host ids -> the pairs this backend does not run, as indices among the experts
+        it does not hold (the CPU engine holds just those, in id order); -1 for the pairs it runs."""
         g = self.layers[layer]
         return g.elsewhere[_group_ids(topk_ids, g)]
 

@@ -1,12 +1,12 @@
 """The hybrid executor: each MoE layer's routed pairs split between the GPU and the CPU engine.
 
 Per layer call, in this order:
-  1. the pairs whose expert is not resident on the GPU go to the host: x, their ids (as indices
-     among the CPU engine's experts, which are only the non-resident ones; resident ones -1)
-     and the weights are copied into pinned buffers without blocking;
+  1. x, the routed ids and their weights are copied into pinned host buffers without blocking;
   2. the GPU backend's work for the resident pairs is queued on the current stream (it never
      waits on the GPU; at decode it is one CUDA graph replay);
-  3. the CPU engine runs its pairs as soon as the copies have landed, while the GPU works;
+  3. as soon as the copies have landed, the ids are mapped on the host to indices among the CPU
+     engine's experts (only the non-resident ones; -1 for resident ones), and the CPU engine runs
+     its pairs while the GPU works;
   4. the CPU result goes back to the GPU (pinned, non-blocking) and is added.
 Step 3 runs on a worker thread that starts before step 2 (the kernel releases the GIL) for
 batches of WORKER_TOKENS, on this thread otherwise. The hand-off costs more than it saves at
@@ -45,7 +45,7 @@ class HybridMoE:
         E = cpu.slots.shape[0]
         for L, g in gpu.layers.items():
             held = cpu.slots.experts.get(L, torch.arange(E))
-            if not torch.equal(held, (g.elsewhere[:E] >= 0).nonzero().squeeze(1).cpu()):
+            if not torch.equal(held, (g.elsewhere[:E] >= 0).nonzero().squeeze(1)):
                 raise ValueError(f"layer {L}: the CPU engine must hold exactly the experts that are not on the GPU")
         gpu.slots = cpu.slots  # one set of adapters: a slot means the same adapter on both sides
         self.cpu, self.gpu, self.slots = cpu, gpu, cpu.slots
@@ -112,7 +112,7 @@ class HybridMoE:
             return self._cpu_part(layer, x, topk_ids, topk_weights, token_slots)().to(x.device, non_blocking=True)
         cpu_part = None
         if on_gpu < E:
-            cpu_part = self._cpu_part(layer, x, self.gpu.elsewhere(layer, topk_ids), topk_weights, token_slots)
+            cpu_part = self._cpu_part(layer, x, topk_ids, topk_weights, token_slots)
             if self.worker or (self.worker is None and x.shape[0] in WORKER_TOKENS):
                 cpu_part = self._worker.submit(cpu_part).result
         y = self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device))
@@ -141,7 +141,9 @@ class HybridMoE:
         def run():
             if copied is not None:
                 copied.synchronize()  # the host copies above have landed, not the GPU part queued after them
-            y = self.cpu.forward(layer, x_h, ids_h, w_h, token_slots)
+            # the CPU engine's expert indices, mapped here on the host: no launches on the GPU's thread
+            ids_cpu = self.gpu.elsewhere(layer, ids_h) if self.gpu.num_resident(layer) else ids_h
+            y = self.cpu.forward(layer, x_h, ids_cpu, w_h, token_slots)
             return y if out is None else out.copy_(y)
 
         return run
