@@ -78,3 +78,17 @@ def test_text_prompt_with_the_checkpoints_tokenizer(tmp_path, model_dir):
     text, ids = json.loads(by_text.stdout), json.loads(by_ids.stdout)
     assert text["token_ids"] == ids["token_ids"] and text["prompt_tokens"] == 3
     assert text["text"] == " ".join(f"t{i}" for i in text["token_ids"] if i > 1)
+
+
+@pytest.mark.parametrize(("eos", "ignore_eos", "expected"), [
+    ([5, 7], False, [1, 7]), (7, False, [1, 7]), (None, False, [1, 7, 3, 5]), ([5, 7], True, [1, 7, 3, 5]),
+])
+def test_graph_decode_tokens_stop_after_eos_as_generate_does(eos, ignore_eos, expected):
+    """run's CUDA-graph decode runs all steps; its tokens are cut after the first EOS, as
+    transformers' generate stops there (kept: the EOS itself)."""
+    from types import SimpleNamespace
+
+    from expertlora.run import Sampling, _until_eos
+
+    lm = SimpleNamespace(model=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos)))
+    assert _until_eos([1, 7, 3, 5], lm, Sampling(ignore_eos=ignore_eos)) == expected
