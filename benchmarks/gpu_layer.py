@@ -107,21 +107,26 @@ class LoopLoRA:
             setattr(self, f"b_{name}", proj.b.to(DEVICE, torch.bfloat16))
 
 
+def all_resident(layers: dict, adapters: list, fused: bool | None = None) -> GpuMoELoRA:
+    """Our GPU backend, bf16, with every expert of ``layers`` (L -> (gate_up, down)) resident and
+    ``adapters`` loaded in slots a0, a1, ..."""
+    E, two_i, H = next(iter(layers.values()))[0].shape
+    slots = AdapterSlots(E, H, two_i // 2, torch.bfloat16)
+    for i, adapter in enumerate(adapters):
+        slots.load(f"a{i}", adapter)
+    engine = GpuMoELoRA(DEVICE, torch.bfloat16, slots, fused=fused)
+    for L, (gate_up, down) in layers.items():
+        engine.add_layer(L, gate_up, down, torch.ones(E, dtype=torch.bool))
+    return engine
+
+
 def gpu_part(args, copy_gbs: float) -> list[dict]:
     rows = []
     for name in args.shapes.split(","):
         H, I, E, k = (SHAPES | SMOKE)[name]
         layers = {L: random_layer(E, H, I, L) for L in range(2)}
         adapters = [random_expert_lora(E, H, I, list(layers), ALL, alpha=ALPHA, seed=s) for s in range(4)]
-        slots = AdapterSlots(E, H, I, torch.bfloat16)
-        bare = GpuMoELoRA(DEVICE, torch.bfloat16, AdapterSlots(E, H, I, torch.bfloat16))
-        ours = GpuMoELoRA(DEVICE, torch.bfloat16, slots)
-        for i, a in enumerate(adapters):
-            slots.load(f"a{i}", a)
-        everything = torch.ones(E, dtype=torch.bool)
-        for L, (gate_up, down) in layers.items():
-            bare.add_layer(L, gate_up, down, everything)
-            ours.add_layer(L, gate_up, down, everything)
+        bare, ours = all_resident(layers, []), all_resident(layers, adapters)
         loop_weights = {L: ours.layers[L] for L in layers}
         loop_lora = {L: LoopLoRA(adapters[0], L) for L in layers}
         expert_bytes = 3 * H * I * 2
@@ -175,11 +180,7 @@ def fused_sweep(args) -> None:
     for name in args.shapes.split(","):
         H, I, E, k = (SHAPES | SMOKE)[name]
         layers = {L: random_layer(E, H, I, L) for L in range(2)}
-        slots = AdapterSlots(E, H, I, torch.bfloat16)
-        slots.load("a", random_expert_lora(E, H, I, list(layers), ALL, alpha=ALPHA, seed=0))
-        ours = GpuMoELoRA(DEVICE, torch.bfloat16, slots, fused=False)
-        for L, (gate_up, down) in layers.items():
-            ours.add_layer(L, gate_up, down, torch.ones(E, dtype=torch.bool))
+        ours = all_resident(layers, [random_expert_lora(E, H, I, list(layers), ALL, alpha=ALPHA, seed=0)], fused=False)
         loras = [ours._stacked(L, ours.layers[L]) for L in layers]
         for T in (1, 2, 4, 8, 16):
             ids, w = routings(T, E, k, 1, seed=T)[0]
