@@ -52,24 +52,21 @@ def greedy_decode(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int,
         logits = model(input_ids=input_ids, past_key_values=cache, cache_position=torch.arange(S, device=input_ids.device),
                        use_cache=True).logits
         token.copy_(logits[:, -1:].argmax(-1))
-        if max_new_tokens == 1:
-            generated.copy_(token)
-            return generated
-        if not graph:
-            for _ in range(max_new_tokens - 1):
+        steps = max_new_tokens - 1  # the last token is recorded without a step
+        if graph and steps:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # the first step, eager: caches and kernels warm before capture
                 step()
-            generated[:, -1:] = token
-            return generated
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # the first step, eager: caches and kernels warm before capture
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        replay = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(replay):
-            step()
-        for _ in range(max_new_tokens - 2):
-            replay.replay()
+            torch.cuda.current_stream().wait_stream(side)
+            replay = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(replay):
+                step()
+            for _ in range(steps - 1):
+                replay.replay()
+        else:
+            for _ in range(steps):
+                step()
         generated[:, -1:] = token
         return generated
 
