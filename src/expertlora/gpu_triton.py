@@ -40,6 +40,24 @@ def _lora_group(slots_ptr, t, e, per_expert):
 
 
 @triton.jit
+def _summed(ptr, p, count, BLOCK_R: tl.constexpr):
+    """Σ_j ptr[p, j, :] over the count partial shrinks of pair p, in a fixed order (the same bits
+    every run)."""
+    r = tl.arange(0, BLOCK_R)
+    s = tl.zeros([BLOCK_R], tl.float32)
+    for j in range(0, count):
+        s += tl.load(ptr + (p * count + j) * BLOCK_R + r)
+    return s
+
+
+@triton.jit
+def _expand(b_ptr, rows, rows_ok, r, R, s):
+    """B[rows, :R]·s for a LoRA expand B [out, R] and its shrink s."""
+    b = tl.load(b_ptr + rows[:, None] * R + r[None, :], mask=rows_ok[:, None] & (r < R)[None, :], other=0.0)
+    return tl.sum(b.to(tl.float32) * s[None, :], axis=1)
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, ids_ptr, group_ptr, slots_ptr, a_ptr, s_ptr,
     k, E, Eg, H, R, per_expert,
@@ -87,19 +105,14 @@ def _gate_up_kernel(
     if HAS_LORA:
         lora = _lora_group(slots_ptr, t, e, per_expert)
         r = tl.arange(0, BLOCK_R)
-        r_ok = r < R
-        s = tl.zeros([BLOCK_R], tl.float32)
-        for c in range(0, chunks):  # a fixed order: the same bits every run
-            s += tl.load(s_ptr + (p * chunks + c) * BLOCK_R + r)
-        s = s[None, :]
+        s = _summed(s_ptr, p, chunks, BLOCK_R)
         b_l = b_ptr + lora * (2 * I * R)
-        tile = n_ok[:, None] & r_ok[None, :]
-        g += tl.sum(tl.load(b_l + n[:, None] * R + r[None, :], mask=tile, other=0.0).to(tl.float32) * s, axis=1)
-        u += tl.sum(tl.load(b_l + (I + n)[:, None] * R + r[None, :], mask=tile, other=0.0).to(tl.float32) * s, axis=1)
+        g += _expand(b_l, n, n_ok, r, R, s)
+        u += _expand(b_l, I + n, n_ok, r, R, s)
     h = g / (1.0 + tl.exp(-g)) * u
     tl.store(h_ptr + p * I + n, h, mask=n_ok)
     if HAS_LORA:
-        a_d = tl.load(a_down_ptr + lora * (R * I) + r[:, None] * I + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        a_d = tl.load(a_down_ptr + lora * (R * I) + r[:, None] * I + n[None, :], mask=(r < R)[:, None] & n_ok[None, :], other=0.0)
         part = tl.sum(a_d.to(tl.float32) * tl.where(n_ok, h, 0.0)[None, :], axis=1)
         tl.store(part_ptr + (p * tl.num_programs(1) + block) * BLOCK_R + r, part)
 
@@ -125,13 +138,7 @@ def _down_kernel(
         d += tl.sum(tl.load(w_e + n[:, None] * I + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32) * hv, axis=1)
     if HAS_LORA:
         r = tl.arange(0, BLOCK_R)
-        r_ok = r < R
-        s = tl.zeros([BLOCK_R], tl.float32)
-        for j in range(0, parts):  # a fixed order: the same bits every run
-            s += tl.load(part_ptr + (p * parts + j) * BLOCK_R + r)
-        b_l = b_ptr + _lora_group(slots_ptr, t, e, per_expert) * (H * R)
-        tile = n_ok[:, None] & r_ok[None, :]
-        d += tl.sum(tl.load(b_l + n[:, None] * R + r[None, :], mask=tile, other=0.0).to(tl.float32) * s[None, :], axis=1)
+        d += _expand(b_ptr + _lora_group(slots_ptr, t, e, per_expert) * (H * R), n, n_ok, r, R, _summed(part_ptr, p, parts, BLOCK_R))
     weight = tl.load(weights_ptr + p).to(tl.float32)
     tl.store(out_ptr + p * H + n, tl.where(resident, d * weight, 0.0), mask=n_ok)
 
