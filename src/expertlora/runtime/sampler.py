@@ -1,0 +1,42 @@
+"""Next-token choice per request: greedy, or temperature / top-k / top-p sampling drawn from the
+request's own generator (seeded by its ``seed``), so no request's draws depend on another's."""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from .request import Request, SamplingParams
+
+
+def new_generator(sampling: SamplingParams) -> torch.Generator | None:
+    """The request's generator; None for greedy requests (they draw nothing)."""
+    if sampling.greedy:
+        return None
+    g = torch.Generator(device="cpu")
+    g.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+    return g
+
+
+def sample(logits: torch.Tensor, requests: tuple[Request, ...]) -> list[int]:
+    """``logits`` [n, V] (row i for requests[i]) -> one token id per request."""
+    tokens = logits.argmax(-1).tolist()
+    for i, r in enumerate(requests):
+        if not r.sampling.greedy:
+            tokens[i] = _draw(logits[i].float().cpu(), r.sampling, r.generator)
+    return tokens
+
+
+def _draw(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator) -> int:
+    logits = logits / s.temperature  # [V]
+    if 0 < s.top_k < logits.numel():
+        kth = torch.topk(logits, s.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop = probs.cumsum(-1) - probs >= s.top_p
+        logits = logits.index_fill(0, order[drop], float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
