@@ -28,9 +28,6 @@ from .quantize import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES
 from .slots import NO_ADAPTER
 
 EXPERTS_IMPLEMENTATION = "expertlora"
-# Non-expert tensors whose checkpoint name differs from the transformers 5 module, by model type:
-# (part of the checkpoint key, part of the parameter name).
-KEY_RENAMES = {"mixtral": ((".block_sparse_moe.gate.", ".mlp.gate."),)}
 
 
 class BatchAdapters:
@@ -164,8 +161,9 @@ def load_model(
     as the seed does.
     """
     from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model_weights import load_model_weights
 
     if backend not in ("cpu", "kt"):
         raise ValueError(f"unknown backend {backend!r}: expected cpu or kt")
@@ -181,15 +179,7 @@ def load_model(
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    renames = KEY_RENAMES.get(config.model_type, ())
-    for name, _ in wrap(list(model.named_parameters()), "other weights"):
-        if ".experts." in name:
-            continue
-        key = _checkpoint_key(name, renames, ckpt, config)
-        set_module_tensor_to_device(model, name, device, value=ckpt.tensor(key).to(dtype))
-    model.tie_weights()  # loading replaced the embedding's Parameter: re-tie a tied output layer
-    for name, buffer in list(model.named_buffers()):  # the rotary tables; the experts stay meta
-        set_module_tensor_to_device(model, name, device, value=buffer)
+    load_model_weights(model, ckpt, device, wrap)  # every non-expert tensor; the experts stay meta
     batch = BatchAdapters()
     for L in ckpt.config.moe_layers:
         model.get_submodule(f"model.layers.{L}.mlp.experts").expertlora = ExpertsBinding(engine, L, batch)
@@ -211,11 +201,12 @@ def _engine(ckpt: Checkpoint, method: str, backend: str, threads, group_size, wr
             raise ValueError("--backend kt runs every expert on the CPU: use --backend cpu with --device cuda")
         kt = kt_method(method)  # checked before the weights are read
         return KtMoEEngine({L: ckpt.experts(L, "bf16") for L in wrap(layers, "experts")}, kt, threads=threads)
-    group_size = group_size or _int4_group(ckpt.config.hidden_size, ckpt.config.intermediate_size)
+    group_size = _int4_group(ckpt.config.hidden_size, ckpt.config.intermediate_size, group_size)
     if device.type == "cpu":
         if gpu_masks and any(bool(m.any()) for m in gpu_masks.values()):
             raise ValueError("GPU experts need a GPU device (--device cuda)")
-        return MoELoRAEngine({L: ckpt.experts(L, method, group_size) for L in wrap(layers, "experts")}, threads=threads)
+        return MoELoRAEngine({L: ExpertWeights.from_gate_up(*ckpt.expert_tensors(L), method, group_size) for L in wrap(layers, "experts")},
+                             threads=threads)
     return _hybrid_engine(ckpt, method, threads, group_size, wrap, device, gpu_masks or {})
 
 
@@ -228,7 +219,10 @@ def _kt_files_engine(ckpt: Checkpoint, method: str, backend: str, threads, group
         raise ValueError("--kt-weight-path: kt-kernel's converted experts run on the CPU; use --device cpu")
     c = ckpt.config
     E, H, I, layers = c.num_experts, c.hidden_size, c.intermediate_size, c.moe_layers
-    group_size = group_size or _int4_group(H, I)
+    # kt's int4 scale is per row of each NUMA part: one group size that divides H and I / parts holds it exactly
+    group_size = group_size or next((g for g in INT4_GROUP_SIZES if H % g == 0 and I % (g * kt_numa_parts(path, layers[0])) == 0), None)
+    if method == "int4" and group_size is None:
+        raise ValueError(f"--kt-weight-path: int4 needs a group size of {', '.join(map(str, INT4_GROUP_SIZES))} dividing hidden {H} and intermediate {I} per part")
     if backend == "kt":
         from .kt_backend import KtMoEEngine, kt_method
 
@@ -279,22 +273,16 @@ def remove_adapter(loaded: LoadedModel, name: str) -> None:
     del loaded.adapters[name]
 
 
-def _int4_group(hidden: int, intermediate: int) -> int:
-    return next((g for g in INT4_GROUP_SIZES if hidden % g == 0 and intermediate % g == 0), DEFAULT_GROUP_SIZE)
+def _int4_group(hidden: int, intermediate: int, forced: int | None = None) -> int | None:
+    """int4's group size for the engine: ``forced`` (checked to divide both input sizes, H for
+    gate_up and I for down), or None: chosen per projection when quantizing (int4_group_size)."""
+    if forced is not None:
+        for name, size in (("hidden", hidden), ("intermediate", intermediate)):
+            if forced not in INT4_GROUP_SIZES or size % forced:
+                raise ValueError(f"--group-size {forced}: expected one of {', '.join(map(str, INT4_GROUP_SIZES))} dividing the {name} size {size}")
+    return forced
 
 
 def _module_path(name: str) -> str:
     """Canonical module names carry the PEFT prefix only when the source did."""
     return name.removeprefix("base_model.model.")
-
-
-def _checkpoint_key(name: str, renames, ckpt: Checkpoint, config) -> str:
-    if name in ckpt.files:
-        return name
-    for checkpoint_part, model_part in renames:
-        candidate = name.replace(model_part, checkpoint_part)
-        if candidate in ckpt.files:
-            return candidate
-    if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-        return "model.embed_tokens.weight"
-    return name  # Checkpoint.tensor names the missing key
