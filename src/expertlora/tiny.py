@@ -38,6 +38,12 @@ FAMILIES: dict[str, dict] = {
         q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
     ),
 }
+# Config overrides that make routing harder to get right; tiny_config(family, **ROUTING_OVERRIDES[family]).
+# DeepSeek-V3 routes within groups: 8 experts in n_group=4 groups of 2, the best topk_group=2 groups
+# kept (each group is scored by its top 2, so a group needs at least 2 experts), 3 experts chosen.
+ROUTING_OVERRIDES: dict[str, dict] = {
+    "deepseek_v3": dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3),
+}
 # Non-expert linear modules worth a LoRA in each family (attention, shared experts).
 # peft 0.21 on transformers 5 rewrites DeepSeek targets named gate_proj / up_proj / down_proj
 # (shared experts, dense MLP) into the fused experts' gate_up_proj, so DeepSeek gets attention only.
@@ -64,6 +70,31 @@ def tiny_model(family: str, seed: int = 0, **config_overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **config_overrides), dtype=torch.float32)
     return model.eval()
+
+
+def randomize_all(model, seed: int = 0) -> None:
+    """Draw every parameter and persistent buffer of ``model`` at random, at scales that keep a
+    tiny model's outputs finite and its routing decided by the drawn values: matrices ~ N(0, 1/fan_in),
+    norm weights uniform in [0.5, 1.5], biases (DeepSeek-V3's ``e_score_correction_bias`` too)
+    ~ N(0, 0.2^2). A test of loading then fails if any tensor keeps its constructed value.
+
+    Non-persistent buffers (rotary tables) are derived from the config and never saved, so they
+    keep their constructed values (randomizing them would change nothing a checkpoint holds)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            persistent = [(n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+            for name, t in [*module.named_parameters(recurse=False), *persistent]:
+                if t.is_floating_point():
+                    t.copy_(_random_like(t, "norm" in f"{module_name}.{name}".lower(), g))
+
+
+def _random_like(t: torch.Tensor, is_norm: bool, g: torch.Generator) -> torch.Tensor:
+    if t.dim() == 1 and is_norm:
+        return torch.rand(t.shape, generator=g) + 0.5
+    if t.dim() == 1:
+        return torch.randn(t.shape, generator=g) * 0.2
+    return torch.randn(t.shape, generator=g) / t.shape[-1] ** 0.5  # fan_in: the last dim of [out, in] / [E, out, in]
 
 
 def save_checkpoint(model, out_dir: str | Path) -> Path:
