@@ -294,3 +294,39 @@ def test_falls_back_to_the_pytorch_path_when_the_kernel_cannot_build(monkeypatch
         assert MoELoRAEngine(weights).kernel == "torch"
     with pytest.raises(KernelUnavailable, match="no compiler"):
         MoELoRAEngine(weights, kernel="compiled")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize(("H", "I", "groups"), [(256, 96, (128, 32)), (64, 160, (64, 32)), (64, 48, (64, 48)), (40, 24, (40, 24))])
+def test_int4_group_size_per_projection(kernel, H, I, groups):
+    """int4 chooses each projection's group size by its own input size (gate_up: H, down: I): the
+    largest of 128 / 64 / 32 dividing it, else one group per row; both paths run the mixed sizes."""
+    if kernel == "compiled" and (H % 32 or I % 32):
+        pytest.skip("the compiled kernel wants multiples of 32")
+    E = 4
+    weights = ExpertWeights.from_tensors(*make_weights(E, H, I, seed=21), method="int4")
+    assert weights.group_sizes == groups
+    assert weights.gate_up.scale.shape == (E, 2 * I, H // groups[0]) and weights.down.scale.shape == (E, H, I // groups[1])
+    engine = MoELoRAEngine({LAYER: weights}, threads=2, kernel=kernel)
+    assert engine.kernel == kernel
+    adapter = random_expert_lora(E, H, I, [LAYER], {"gate": 4, "up": 2, "down": 8}, alpha=8.0, seed=22)
+    engine.load_adapter("a", adapter)
+    names = ["a", None, "a", "a", None]
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(len(names), H, generator=gen)
+    ids, w = routing(len(names), E, 2, seed=24)
+    y = engine.forward(LAYER, x, ids, w, engine.token_slots(names))
+    assert rel(y, reference(weights, x, ids, w, names, {"a": adapter})) < TOLERANCE["int4"]
+    gate, up, down = make_weights(E, H, I, seed=21)
+    loras = [adapter.layers[LAYER] if n else None for n in names]
+    assert rel(y, reference_moe(x, ids, w, gate, up, down, loras)) < QUANT_ERROR_BOUND["int4"]
+
+
+def test_int4_forced_group_size():
+    E, H, I = 2, 256, 96
+    weights = ExpertWeights.from_tensors(*make_weights(E, H, I), method="int4", group_size=32)
+    assert weights.group_sizes == (32, 32)
+    with pytest.raises(ValueError, match="group size 64: it does not divide the input size 96"):
+        ExpertWeights.from_tensors(*make_weights(E, H, I), method="int4", group_size=64)
+    with pytest.raises(ValueError, match="group size 48: expected one of 128, 64, 32"):
+        quantize(torch.randn(1, 4, 96), "int4", 48)

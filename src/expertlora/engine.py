@@ -116,7 +116,7 @@ class MoELoRAEngine:
                 topk_weights.float().contiguous(),
                 token_slots.to(torch.int64).contiguous(),
                 weights.gate_up.data, weights.gate_up.scale, weights.down.data, weights.down.scale,
-                METHOD_CODES[self.method], weights.gate_up.group_size,
+                METHOD_CODES[self.method], *weights.group_sizes,
                 *self.slots.kernel_args(layer),
                 self.threads,
             )

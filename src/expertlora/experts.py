@@ -4,6 +4,8 @@ Shape legend: E = num_experts, H = hidden size, I = expert intermediate size.
 
     gate_up: [E, 2I, H]  rows [0, I) are gate, rows [I, 2I) are up (the transformers 5 layout)
     down:    [E, H, I]
+
+With int4 each stack carries its own group size (gate_up's divides H, down's divides I).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantize import DEFAULT_GROUP_SIZE, QuantizedStack, quantize
+from .quantize import QuantizedStack, quantize
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class ExpertWeights:
         up: torch.Tensor,  # [E, I, H]
         down: torch.Tensor,  # [E, H, I]
         method: str = "bf16",
-        group_size: int = DEFAULT_GROUP_SIZE,
+        group_size: int | None = None,
     ) -> ExpertWeights:
         return cls.from_gate_up(torch.cat((gate, up), dim=1), down, method, group_size)
 
@@ -49,13 +51,20 @@ class ExpertWeights:
         gate_up: torch.Tensor,  # [E, 2I, H]
         down: torch.Tensor,  # [E, H, I]
         method: str = "bf16",
-        group_size: int = DEFAULT_GROUP_SIZE,
+        group_size: int | None = None,
     ) -> ExpertWeights:
+        """Quantize both stacks; int4's ``group_size`` (None: chosen per stack by its input size,
+        see quantize.int4_group_size) must divide H and I when given."""
         return cls(quantize(gate_up, method, group_size), quantize(down, method, group_size))
 
     @property
     def method(self) -> str:
         return self.gate_up.method
+
+    @property
+    def group_sizes(self) -> tuple[int, int]:
+        """int4's (gate_up, down) group sizes; (0, 0) for the other methods."""
+        return self.gate_up.group_size, self.down.group_size
 
     @property
     def num_experts(self) -> int:

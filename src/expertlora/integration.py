@@ -205,6 +205,9 @@ def _engine(ckpt: Checkpoint, method: str, backend: str, threads, group_size, wr
     if device.type == "cpu":
         if gpu_masks and any(bool(m.any()) for m in gpu_masks.values()):
             raise ValueError("GPU experts need a GPU device (--device cuda)")
+        from .experts import ExpertWeights
+
+        # int4: each projection's own group size unless one is forced (ExpertWeights.group_sizes)
         return MoELoRAEngine({L: ExpertWeights.from_gate_up(*ckpt.expert_tensors(L), method, group_size) for L in wrap(layers, "experts")},
                              threads=threads)
     return _hybrid_engine(ckpt, method, threads, group_size, wrap, device, gpu_masks or {})
@@ -219,10 +222,8 @@ def _kt_files_engine(ckpt: Checkpoint, method: str, backend: str, threads, group
         raise ValueError("--kt-weight-path: kt-kernel's converted experts run on the CPU; use --device cpu")
     c = ckpt.config
     E, H, I, layers = c.num_experts, c.hidden_size, c.intermediate_size, c.moe_layers
-    # kt's int4 scale is per row of each NUMA part: one group size that divides H and I / parts holds it exactly
-    group_size = group_size or next((g for g in INT4_GROUP_SIZES if H % g == 0 and I % (g * kt_numa_parts(path, layers[0])) == 0), None)
-    if method == "int4" and group_size is None:
-        raise ValueError(f"--kt-weight-path: int4 needs a group size of {', '.join(map(str, INT4_GROUP_SIZES))} dividing hidden {H} and intermediate {I} per part")
+    # kt's int4 scale is per row (of each NUMA part): one group size for both projections holds it exactly
+    group_size = _int4_group(H, I, group_size) or next((g for g in INT4_GROUP_SIZES if H % g == 0 and I % g == 0), DEFAULT_GROUP_SIZE)
     if backend == "kt":
         from .kt_backend import KtMoEEngine, kt_method
 

@@ -6,6 +6,10 @@ Shape legend: E = num_experts, N = output features, K = input features, G = K / 
     int8:        data [E, N, K] int8,       scale [E, N, 1] fp32   (symmetric, per output row)
     int4:        data [E, N, K/2] uint8,    scale [E, N, G] fp32   (symmetric, per group of K)
 
+int4's group size is a property of each stack: by default the largest of 128 / 64 / 32 that
+divides K, else K itself (one group per row), so gate_up (K = H) and down (K = I) of one layer
+may differ.
+
 int4 packs two values per byte, element 2j in the low nibble and 2j+1 in the high one, each
 stored as q + 8 with q in [-8, 7]. Weights are quantized once, at load, one expert at a time
 so that memory peaks near the final size.
@@ -23,8 +27,21 @@ METHOD_ALIASES = {
     "AMXBF16_SFT": "bf16", "AMXINT8_SFT": "int8", "AMXINT4_SFT": "int4",
     "AMXBF16": "bf16", "AMXINT8": "int8", "AMXINT4": "int4",
 }
-INT4_GROUP_SIZES = (128, 64, 32)
-DEFAULT_GROUP_SIZE = 128
+INT4_GROUP_SIZES = (128, 64, 32)  # the choices, largest first; the compiled kernel runs each
+DEFAULT_GROUP_SIZE = 128  # kept for callers that name one size; quantize's default is per K
+
+
+def int4_group_size(in_features: int, forced: int | None = None) -> int:
+    """The int4 group size for input size ``in_features``: ``forced`` (one of INT4_GROUP_SIZES,
+    which must divide it), else the largest of INT4_GROUP_SIZES that divides it, else
+    ``in_features`` (one group per row)."""
+    if forced is not None:
+        if isinstance(forced, bool) or not isinstance(forced, int) or forced not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group size {forced!r}: expected one of {', '.join(map(str, INT4_GROUP_SIZES))}")
+        if in_features % forced:
+            raise ValueError(f"int4 group size {forced}: it does not divide the input size {in_features}")
+        return forced
+    return next((g for g in INT4_GROUP_SIZES if in_features % g == 0), in_features)
 
 
 def resolve_method(name: str) -> str:
@@ -43,7 +60,16 @@ class QuantizedStack:
     method: str
     data: torch.Tensor
     scale: torch.Tensor  # empty for fp32 / bf16
-    group_size: int = 0  # int4 only
+    group_size: int = 0  # int4 only: input features per scale (divides K)
+
+    def __post_init__(self):
+        if self.method != "int4":
+            return
+        E, N, K = self.num_experts, self.out_features, self.in_features
+        if self.group_size <= 0 or K % self.group_size:
+            raise ValueError(f"int4 group size {self.group_size}: expected a divisor of the input size {K}")
+        if tuple(self.scale.shape) != (E, N, K // self.group_size):
+            raise ValueError(f"int4 scale: expected [{E}, {N}, {K // self.group_size}], found {list(self.scale.shape)}")
 
     @property
     def num_experts(self) -> int:
@@ -73,8 +99,9 @@ class QuantizedStack:
         return (groups * scale.unsqueeze(-1)).flatten(-2)
 
 
-def quantize(w: torch.Tensor, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedStack:
-    """Store stacked weights ``w`` [E, N, K] (any float dtype) in ``method``."""
+def quantize(w: torch.Tensor, method: str, group_size: int | None = None) -> QuantizedStack:
+    """Store stacked weights ``w`` [E, N, K] (any float dtype) in ``method``. ``group_size``
+    (int4 only): one of INT4_GROUP_SIZES dividing K; None chooses by K (int4_group_size)."""
     method = resolve_method(method)
     E, N, K = w.shape
     empty = torch.empty(0)
@@ -88,10 +115,9 @@ def quantize(w: torch.Tensor, method: str, group_size: int = DEFAULT_GROUP_SIZE)
         for e in range(E):
             data[e], scale[e] = _int8(w[e].float())
         return QuantizedStack(method, data, scale)
-    if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group size {group_size}: expected one of {INT4_GROUP_SIZES}")
-    if K % group_size:
-        raise ValueError(f"int4: input size {K} is not a multiple of the group size {group_size}")
+    if K % 2:
+        raise ValueError(f"int4: input size {K} is odd; two values share each byte")
+    group_size = int4_group_size(K, group_size)
     data = torch.empty(E, N, K // 2, dtype=torch.uint8)
     scale = torch.empty(E, N, K // group_size)
     for e in range(E):

@@ -258,13 +258,19 @@ struct Slot {
 template <class W>
 at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                    const at::Tensor& token_slots, const at::Tensor& w_gu, const at::Tensor& s_gu,
-                   const at::Tensor& w_d, const at::Tensor& s_d, int64_t group, at::TensorList a_gu,
-                   at::TensorList bt_g, at::TensorList bt_u, at::TensorList a_d, at::TensorList bt_d,
-                   int64_t num_threads) {
+                   const at::Tensor& w_d, const at::Tensor& s_d, int64_t group_gu, int64_t group_d,
+                   at::TensorList a_gu, at::TensorList bt_g, at::TensorList bt_u, at::TensorList a_d,
+                   at::TensorList bt_d, int64_t num_threads) {
   using Act = typename W::Act;
   const int64_t T = x.size(0), H = x.size(1), k = topk_ids.size(1), E = w_gu.size(0), I = w_gu.size(1) / 2;
-  const W gu = make_stack<W>(w_gu, s_gu, H, group);
-  const W dn = make_stack<W>(w_d, s_d, I, group);
+  if constexpr (W::kGrouped) {  // each group is whole steps of 32 and the groups tile the row
+    TORCH_CHECK_VALUE(group_gu > 0 && group_gu % 32 == 0 && H % group_gu == 0, "int4 gate_up group ", group_gu,
+                      ": expected a multiple of 32 dividing H = ", H);
+    TORCH_CHECK_VALUE(group_d > 0 && group_d % 32 == 0 && I % group_d == 0, "int4 down group ", group_d,
+                      ": expected a multiple of 32 dividing I = ", I);
+  }
+  const W gu = make_stack<W>(w_gu, s_gu, H, group_gu);
+  const W dn = make_stack<W>(w_d, s_d, I, group_d);
   using LW = LoRAStack<W>;
 
   std::vector<Slot<W>> slots;
@@ -387,18 +393,23 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
 }
 
 // method: 0 fp32, 1 bf16, 2 int8, 3 int4 (quantize.py's storage). x is fp32 for fp32, else bf16;
-// H and I are multiples of 32 (and of the int4 group). The Python side checks all of this.
+// H and I are multiples of 32. int4 has a group size per projection: group_gu divides H (the
+// input of gate_up), group_d divides I (the input of down); both are multiples of 32. The
+// Python side checks all of this; the int4 groups are checked here too.
 at::Tensor moe_lora(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                     const at::Tensor& token_slots, const at::Tensor& w_gu, const at::Tensor& s_gu,
-                    const at::Tensor& w_d, const at::Tensor& s_d, int64_t method, int64_t group,
-                    at::TensorList a_gu, at::TensorList bt_g, at::TensorList bt_u, at::TensorList a_d,
-                    at::TensorList bt_d, int64_t threads) {
+                    const at::Tensor& w_d, const at::Tensor& s_d, int64_t method, int64_t group_gu,
+                    int64_t group_d, at::TensorList a_gu, at::TensorList bt_g, at::TensorList bt_u,
+                    at::TensorList a_d, at::TensorList bt_d, int64_t threads) {
+#define EXPERTLORA_FORWARD(W) \
+  forward<W>(x, topk_ids, topk_weights, token_slots, w_gu, s_gu, w_d, s_d, group_gu, group_d, a_gu, bt_g, bt_u, a_d, bt_d, threads)
   switch (method) {
-    case 0: return forward<F32W>(x, topk_ids, topk_weights, token_slots, w_gu, s_gu, w_d, s_d, group, a_gu, bt_g, bt_u, a_d, bt_d, threads);
-    case 1: return forward<BF16W>(x, topk_ids, topk_weights, token_slots, w_gu, s_gu, w_d, s_d, group, a_gu, bt_g, bt_u, a_d, bt_d, threads);
-    case 2: return forward<I8W>(x, topk_ids, topk_weights, token_slots, w_gu, s_gu, w_d, s_d, group, a_gu, bt_g, bt_u, a_d, bt_d, threads);
-    default: return forward<I4W>(x, topk_ids, topk_weights, token_slots, w_gu, s_gu, w_d, s_d, group, a_gu, bt_g, bt_u, a_d, bt_d, threads);
+    case 0: return EXPERTLORA_FORWARD(F32W);
+    case 1: return EXPERTLORA_FORWARD(BF16W);
+    case 2: return EXPERTLORA_FORWARD(I8W);
+    default: return EXPERTLORA_FORWARD(I4W);
   }
+#undef EXPERTLORA_FORWARD
 }
 
 }  // namespace
@@ -406,7 +417,7 @@ at::Tensor moe_lora(const at::Tensor& x, const at::Tensor& topk_ids, const at::T
 TORCH_LIBRARY(expertlora_cpu, m) {
   m.def(
       "moe_lora(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor token_slots, Tensor w_gu, "
-      "Tensor s_gu, Tensor w_d, Tensor s_d, int method, int group, Tensor[] a_gu, Tensor[] bt_g, "
-      "Tensor[] bt_u, Tensor[] a_d, Tensor[] bt_d, int threads) -> Tensor");
+      "Tensor s_gu, Tensor w_d, Tensor s_d, int method, int group_gu, int group_d, Tensor[] a_gu, "
+      "Tensor[] bt_g, Tensor[] bt_u, Tensor[] a_d, Tensor[] bt_d, int threads) -> Tensor");
   m.impl("moe_lora", c10::DispatchKey::CPU, TORCH_FN(moe_lora));
 }
