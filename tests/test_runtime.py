@@ -1,0 +1,271 @@
+"""The serving engine (expertlora.runtime): continuous batches of mixed adapters against each request
+alone and against transformers + PEFT (fp32 greedy: the same tokens), chunked prefill, requests
+joining and leaving, sampling per request, stops, aborts, adapters loaded and unloaded while
+requests run, and the refusals."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from expertlora import tiny
+from expertlora.runtime import (
+    AdapterBusy,
+    Engine,
+    EngineConfig,
+    QueueFull,
+    RequestError,
+    SamplingParams,
+    UnknownAdapter,
+)
+
+from .conftest import FAMILIES
+
+VOCAB = 96
+
+
+def ids(length: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# (adapter, prompt length, prompt seed, max tokens): prompts longer than the prefill budget, the same
+# prompt under three adapters, more requests than sequences so some wait and join mid-run.
+WORKLOAD = [
+    (None, 5, 1, 6), ("math", 9, 2, 4), ("code", 3, 3, 7), ("math", 5, 1, 6),
+    (None, 12, 4, 3), ("code", 9, 2, 5), ("code", 5, 1, 6),
+]
+
+
+@pytest.fixture(scope="module")
+def second_adapter(tmp_path_factory, model_dir):
+    """family -> (adapter dir, PeftModel): another PEFT LoRA (other rank, alpha and values)."""
+    from peft import PeftModel
+
+    cache = {}
+
+    def make(family: str):
+        if family not in cache:
+            out = tmp_path_factory.mktemp(f"{family}_code")
+            tiny.peft_fused_adapter(tiny.tiny_model(family, seed=0), out, family=family, r=2, alpha=5.0, seed=7)
+            cache[family] = (out, PeftModel.from_pretrained(tiny.tiny_model(family, seed=0), str(out)).eval())
+        return cache[family]
+
+    return make
+
+
+def peft_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    x = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_batch_equals_alone_and_peft(family, model_dir, fused_adapter, second_adapter):
+    math_dir, peft_math, _ = fused_adapter(family)
+    code_dir, peft_code = second_adapter(family)
+    config = EngineConfig(model_dir(family), method="fp32", adapters={"math": math_dir, "code": code_dir},
+                          max_num_seqs=3, max_prefill_tokens=4, max_model_len=64)
+    prompts = [ids(n, seed) for _, n, seed, _ in WORKLOAD]
+    sampling = [SamplingParams(max_tokens=m) for *_, m in WORKLOAD]
+    adapters = [a for a, *_ in WORKLOAD]
+    with Engine(config) as engine:
+        batched = engine.generate(prompts, adapters, sampling)
+        alone = [engine.generate([p], [a], [s])[0] for p, a, s in zip(prompts, adapters, sampling)]
+        assert engine.stats().kv_slots_used == 0 and engine.stats().running == 0
+        eos = engine.eos_ids
+    peers = {"math": peft_math, "code": peft_code}
+    for out, single, p, a, s in zip(batched, alone, prompts, adapters, sampling):
+        assert out.token_ids == single.token_ids, (a, p)
+        assert out.prompt_token_ids == tuple(p) and out.adapter == a
+        if a is None:
+            with peft_math.disable_adapter():
+                expected = peft_greedy(peft_math, p, s.max_tokens)
+        else:
+            expected = peft_greedy(peers[a], p, s.max_tokens)
+        assert list(out.token_ids) == expected, (family, a, p)
+        assert out.finish_reason == ("stop" if expected[-1] in eos else "length")
+    # the adapters matter: the same prompt gives different tokens under each
+    same_prompt = [batched[i].token_ids for i in (0, 3, 6)]
+    assert len(set(same_prompt)) == 3
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, fused_adapter):
+    math_dir, _, _ = fused_adapter("qwen3_moe")
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", adapters={"math": math_dir}, max_num_seqs=4,
+                             max_model_len=48, max_queued_requests=64)) as e:
+        yield e
+
+
+def test_sampling_is_per_request_and_seeded(engine):
+    p = ids(6, 11)
+    hot = SamplingParams(max_tokens=8, temperature=1.5, seed=123, ignore_eos=True)
+    alone = engine.generate([p], sampling=[hot])[0].token_ids
+    # the same seeded request beside other sampling requests draws the same tokens
+    others = [SamplingParams(max_tokens=8, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    outs = engine.generate([p, p, p, p], ["math", None, "math", None], [others[0], hot, others[1], others[2]])
+    assert outs[1].token_ids == alone
+    assert len({o.token_ids for o in outs}) > 1
+    # top_k = 1 is greedy, whatever the temperature
+    greedy = engine.generate([p], sampling=[SamplingParams(max_tokens=8, ignore_eos=True)])[0].token_ids
+    assert engine.generate([p], sampling=[SamplingParams(max_tokens=8, temperature=2.0, top_k=1, seed=5, ignore_eos=True)])[0].token_ids == greedy
+    # a tiny top_p keeps only the likeliest token too
+    assert engine.generate([p], sampling=[SamplingParams(max_tokens=8, temperature=2.0, top_p=1e-6, seed=5, ignore_eos=True)])[0].token_ids == greedy
+
+
+def test_stop_token_ids_and_eos(engine):
+    p = ids(7, 12)
+    full = engine.generate([p], sampling=[SamplingParams(max_tokens=10, ignore_eos=True)])[0]
+    stop_at = full.token_ids[3]
+    first = full.token_ids.index(stop_at)
+    out = engine.generate([p], sampling=[SamplingParams(max_tokens=10, stop_token_ids=[stop_at], ignore_eos=True)])[0]
+    assert out.token_ids == full.token_ids[: first + 1] and out.finish_reason == "stop"
+    # EOS from the checkpoint's generation config ends a request unless ignore_eos
+    engine.eos_ids, saved = frozenset([stop_at]), engine.eos_ids
+    try:
+        assert engine.generate([p], sampling=[SamplingParams(max_tokens=10)])[0].token_ids == full.token_ids[: first + 1]
+        assert engine.generate([p], sampling=[SamplingParams(max_tokens=10, ignore_eos=True)])[0].token_ids == full.token_ids
+    finally:
+        engine.eos_ids = saved
+
+
+def test_streaming_and_abort(engine):
+    p = ids(5, 13)
+    handle = engine.add_request(p, "math", SamplingParams(max_tokens=40, ignore_eos=True))
+    seen = []
+    for out in handle:
+        seen += out.new_token_ids
+        if len(seen) >= 3 and not out.finished:
+            handle.abort()
+    final = handle.result(timeout=30)
+    assert final.finish_reason == "abort" and list(final.token_ids) == seen and 3 <= len(seen) < 40
+    assert engine.stats().kv_slots_used == 0
+
+
+def test_async_stream(engine):
+    import asyncio
+
+    p = ids(4, 14)
+    expected = engine.generate([p], sampling=[SamplingParams(max_tokens=5)])[0].token_ids
+
+    async def consume():
+        handle = engine.add_request(p, None, SamplingParams(max_tokens=5))
+        return [t async for out in handle.stream() for t in out.new_token_ids]
+
+    assert tuple(asyncio.run(consume())) == expected
+
+
+def test_more_requests_than_slots_wait_and_finish(engine):
+    prompts = [ids(3 + i % 5, 20 + i) for i in range(10)]
+    alone = [engine.generate([p], sampling=[SamplingParams(max_tokens=4)])[0].token_ids for p in prompts]
+    together = engine.generate(prompts, sampling=SamplingParams(max_tokens=4))
+    assert [o.token_ids for o in together] == alone
+    assert engine.stats().kv_slots == 4
+
+
+def test_refusals(engine):
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.add_request([1, VOCAB], None)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.add_request([-1, 2], None)
+    with pytest.raises(RequestError, match="exceed the context of 48"):
+        engine.add_request(ids(10, 1), None, SamplingParams(max_tokens=39))
+    with pytest.raises(RequestError, match="no tokenizer"):
+        engine.add_request("hello", None)
+    with pytest.raises(RequestError, match="at least one token"):
+        engine.add_request([], None)
+    with pytest.raises(UnknownAdapter, match="'nope'"):
+        engine.add_request([1, 2], "nope")
+    for bad in (dict(temperature=float("nan")), dict(top_p=0.0), dict(top_k=-1), dict(max_tokens=0), dict(max_tokens=True),
+                dict(stop=[""]), dict(seed=-1), dict(temperature=1e9)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    with pytest.raises(UnknownAdapter):
+        engine.unload_adapter("nope")
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
+
+
+def test_queue_full(model_dir):
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", max_num_seqs=1, max_model_len=40, max_queued_requests=2)) as e:
+        handles = []
+        with pytest.raises(QueueFull):
+            for _ in range(50):  # the engine thread admits one at a time: the queue fills within a few
+                handles.append(e.add_request(ids(4, 2), None, SamplingParams(max_tokens=30, ignore_eos=True)))
+        for h in handles:
+            h.abort()
+        assert all(h.result(timeout=30).finish_reason in ("abort", "length") for h in handles)
+
+
+def test_load_and_unload_while_running(tmp_path, model_dir, fused_adapter, second_adapter):
+    math_dir, peft_math, _ = fused_adapter("qwen3_moe")
+    code_dir, peft_code = second_adapter("qwen3_moe")
+    p = ids(6, 30)
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", adapters={"math": math_dir}, max_num_seqs=4, max_model_len=64)) as e:
+        long = e.add_request(p, "math", SamplingParams(max_tokens=40, ignore_eos=True))
+        next(iter(long))  # it runs
+        e.load_adapter("code", code_dir)
+        with pytest.raises(AdapterBusy):
+            e.unload_adapter("math")
+        with pytest.raises(ValueError, match="already loaded"):
+            e.load_adapter("code", code_dir)
+        with pytest.raises(ValueError, match="reserved"):
+            e.load_adapter("none", code_dir)
+        with pytest.raises(Exception, match="no such file"):
+            e.load_adapter("ghost", tmp_path / "missing")
+        code = e.generate([p], ["code"], [SamplingParams(max_tokens=5)])[0]
+        assert list(code.token_ids) == peft_greedy(peft_code, p, 5)
+        assert list(long.result(timeout=60).token_ids[:5]) == peft_greedy(peft_math, p, 5)
+        e.unload_adapter("math")
+        assert e.adapter_names == ["code"]
+        with pytest.raises(UnknownAdapter):
+            e.add_request(p, "math")
+
+
+def test_adapters_swap_under_load(model_dir, fused_adapter, second_adapter):
+    """Clients keep sending base and math requests while code is loaded and unloaded: none fails,
+    none sees another adapter's weights (each result equals the request alone)."""
+    math_dir, _, _ = fused_adapter("qwen3_moe")
+    code_dir, _ = second_adapter("qwen3_moe")
+    prompts = [ids(4 + i % 3, 40 + i) for i in range(4)]
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", adapters={"math": math_dir}, max_num_seqs=4, max_model_len=32)) as e:
+        expected = {(i, a): e.generate([p], [a], [SamplingParams(max_tokens=4)])[0].token_ids
+                    for i, p in enumerate(prompts) for a in (None, "math")}
+        errors, results = [], []
+
+        def client(k: int):
+            try:
+                for j in range(6):
+                    i, a = (k + j) % 4, (None, "math")[(k + j) % 2]
+                    results.append(((i, a), e.add_request(prompts[i], a, SamplingParams(max_tokens=4)).result(timeout=60).token_ids))
+            except Exception as err:  # noqa: BLE001 - the test reports any failure
+                errors.append(err)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for _ in range(3):
+            e.load_adapter("code", code_dir)
+            e.generate([prompts[0]], ["code"], [SamplingParams(max_tokens=2)])
+            e.unload_adapter("code")
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors and len(results) == 18
+        assert all(tokens == expected[key] for key, tokens in results)
+
+
+@pytest.mark.parametrize("method", ["bf16", "int8", "int4"])
+def test_quantized_batched_equals_alone(method, model_dir, fused_adapter):
+    """bf16 / int8 / int4: a packed batch gives each request its tokens alone, up to the method's
+    rounding: the first tokens agree, and the logits of one step within 2e-2 relative (bf16 matmuls
+    over other batch sizes round differently)."""
+    math_dir, _, _ = fused_adapter("qwen3_moe")
+    prompts = [ids(5 + i, 50 + i) for i in range(3)]
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method=method, adapters={"math": math_dir}, max_num_seqs=4, max_model_len=32)) as e:
+        s = SamplingParams(max_tokens=3)
+        batched = e.generate(prompts, [None, "math", "math"], s)
+        alone = [e.generate([p], [a], [s])[0] for p, a in zip(prompts, [None, "math", "math"])]
+    for b, a in zip(batched, alone):
+        assert b.token_ids[0] == a.token_ids[0]
