@@ -79,9 +79,17 @@ class MoELoRAEngine:
         """Which path runs: ``compiled`` or ``torch``."""
         return "torch" if self._kernel is None else "compiled"
 
-    def load_adapter(self, name: str, adapter: ExpertLoRA) -> int:
+    def prepare_adapter(self, adapter: ExpertLoRA) -> dict:
+        """Every layer's engine form of ``adapter`` (no state changes; any thread)."""
+        return self.slots.prepare(adapter)
+
+    def load_adapter(self, name: str, adapter: ExpertLoRA, prepared: dict | None = None) -> int:
         """Load ``adapter`` beside the others; returns its slot for token_slots."""
-        return self.slots.load(name, adapter)
+        return self.slots.load(name, adapter, prepared)
+
+    def adapters_changed(self) -> None:
+        for layer in self.layers:  # the compiled kernel's per-slot argument lists
+            self.slots.kernel_args(layer)
 
     def unload_adapter(self, name: str) -> None:
         self.slots.unload(name)

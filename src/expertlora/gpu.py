@@ -128,6 +128,12 @@ class GpuMoELoRA:
             down.index_select(0, resident).to(self.device, self.dtype).contiguous(),
         )
 
+    def adapters_changed(self) -> None:
+        """Stack every layer's LoRA for the current adapters now (a GPU copy), not on first use."""
+        if self.slots is not None and len(self.slots):
+            for layer, g in self.layers.items():
+                self._stacked(layer, g)
+
     def num_resident(self, layer: int) -> int:
         return len(self.layers[layer].resident)
 

@@ -86,8 +86,16 @@ class HybridMoE:
                             experts=cpu_experts, num_experts=E)
         return cls(cpu, gpu, worker)
 
-    def load_adapter(self, name: str, adapter: ExpertLoRA) -> int:
-        return self.cpu.load_adapter(name, adapter)
+    def prepare_adapter(self, adapter: ExpertLoRA) -> dict:
+        return self.cpu.prepare_adapter(adapter)
+
+    def load_adapter(self, name: str, adapter: ExpertLoRA, prepared: dict | None = None) -> int:
+        return self.cpu.load_adapter(name, adapter, prepared)
+
+    def adapters_changed(self) -> None:
+        """The CPU kernel's argument lists and the GPU's LoRA stacks for the new set of adapters."""
+        self.cpu.adapters_changed()
+        self.gpu.adapters_changed()
 
     def unload_adapter(self, name: str) -> None:
         self.cpu.unload_adapter(name)

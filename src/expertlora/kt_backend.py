@@ -86,8 +86,14 @@ class KtMoEEngine:
 
     kernel = "kt"
 
-    def load_adapter(self, name: str, adapter: ExpertLoRA) -> int:
-        return self.slots.load(name, adapter)
+    def prepare_adapter(self, adapter: ExpertLoRA) -> dict:
+        return self.slots.prepare(adapter)
+
+    def load_adapter(self, name: str, adapter: ExpertLoRA, prepared: dict | None = None) -> int:
+        return self.slots.load(name, adapter, prepared)
+
+    def adapters_changed(self) -> None:
+        """Nothing to rebuild: kt-kernel takes an adapter's weights when a batch first uses it."""
 
     def unload_adapter(self, name: str) -> None:
         slot = self.slots.index(name)

@@ -1,6 +1,7 @@
 """Adapter slots: any number of canonical adapters loaded at once, each token picking one.
 
-Each adapter is turned, once per layer on first use, into the form the engine runs (SlotLoRA):
+Each adapter is turned, once per layer when it is loaded (``prepare``, which may run off the step
+loop), into the form the engine runs (SlotLoRA):
 the scaling folded into B, B transposed (so the expand runs along output columns), gate's and
 up's A stacked so one shrink serves both, and a projection the adapter does not target given
 rank 0, so no kernel ever asks "is there LoRA?".
@@ -71,7 +72,7 @@ class AdapterSlots:
         self.dtype = dtype
         self.experts = experts or {}
         self._adapters: list[ExpertLoRA | None] = []  # slot -> adapter
-        self._forms: list[dict[int, SlotLoRA]] = []  # slot -> layer -> engine form, built on first use
+        self._forms: list[dict[int, SlotLoRA]] = []  # slot -> layer -> engine form, built at load
         self._index: dict[str, int] = {}
         self._kernel_args: dict[int, tuple[list[torch.Tensor], ...]] = {}  # cleared on load / unload
         self._empty: dict[int, SlotLoRA] = {}  # experts held -> rank-0 form
@@ -83,10 +84,9 @@ class AdapterSlots:
     def __len__(self) -> int:
         return len(self._index)
 
-    def load(self, name: str, adapter: ExpertLoRA) -> int:
-        """Add an adapter under ``name``; returns its slot number (the per-token index)."""
-        if name in self._index:
-            raise ValueError(f"an adapter named {name!r} is already loaded")
+    def prepare(self, adapter: ExpertLoRA) -> dict[int, SlotLoRA]:
+        """The engine forms of every layer ``adapter`` targets, on the experts held here. Changes
+        nothing: it may run on any thread while the engine steps; ``load`` then takes them."""
         E, H, I = self.shape
         info = adapter.info
         for key, expected, found in (
@@ -96,11 +96,24 @@ class AdapterSlots:
         ):
             if expected != found:
                 raise AdapterError(info.path, key, f"{expected} (the engine's experts)", str(found))
+        forms = {}
+        for layer, lora in adapter.layers.items():
+            form = SlotLoRA.from_layer(lora, E, H, I, self.dtype)
+            forms[layer] = form.select(self.experts[layer]) if layer in self.experts else form
+        return forms
+
+    def load(self, name: str, adapter: ExpertLoRA, forms: dict[int, SlotLoRA] | None = None) -> int:
+        """Add an adapter under ``name`` with its forms (``prepare``'s, or built now); returns its
+        slot number (the per-token index)."""
+        if name in self._index:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        forms = self.prepare(adapter) if forms is None else forms
         slot = self._adapters.index(None) if None in self._adapters else len(self._adapters)
         if slot == len(self._adapters):
             self._adapters.append(None)
             self._forms.append({})
         self._adapters[slot] = adapter
+        self._forms[slot] = forms
         self._index[name] = slot
         self._kernel_args.clear()
         return slot
@@ -142,17 +155,13 @@ class AdapterSlots:
         return [self._form(slot, layer) for slot in range(len(self._adapters))]
 
     def _form(self, slot: int, layer: int) -> SlotLoRA:
-        E, H, I = self.shape
-        adapter = self._adapters[slot]
-        if adapter is None or layer not in adapter.layers:
-            held = len(self.experts[layer]) if layer in self.experts else E
+        form = self._forms[slot].get(layer)
+        if form is None:  # an empty slot, or a layer the adapter does not target: rank 0
+            held = len(self.experts[layer]) if layer in self.experts else self.shape[0]
             if held not in self._empty:
-                self._empty[held] = SlotLoRA.from_layer(None, held, H, I, self.dtype)
-            return self._empty[held]
-        if layer not in self._forms[slot]:
-            form = SlotLoRA.from_layer(adapter.layers[layer], E, H, I, self.dtype)
-            self._forms[slot][layer] = form.select(self.experts[layer]) if layer in self.experts else form
-        return self._forms[slot][layer]
+                self._empty[held] = SlotLoRA.from_layer(None, held, *self.shape[1:], self.dtype)
+            form = self._empty[held]
+        return form
 
     def kernel_args(self, layer: int) -> tuple[list[torch.Tensor], ...]:
         """The compiled kernel's five per-slot lists for ``layer`` (A_gu, Bᵀ_g, Bᵀ_u, A_d, Bᵀ_d)."""

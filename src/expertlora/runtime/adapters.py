@@ -38,17 +38,18 @@ class AdapterManager:
     def names(self) -> list[str]:
         return list(self.lm.adapters)
 
-    def read(self, name: str, source: str | Path | ExpertLoRA) -> ExpertLoRA:
-        """Read and check an adapter for this model (any thread; changes nothing)."""
+    def read(self, name: str, source: str | Path | ExpertLoRA) -> tuple[ExpertLoRA, object]:
+        """Read and check an adapter for this model, and build the engine's forms of it (any
+        thread; changes nothing): what ``install`` takes."""
         from ..formats import load_adapter
         from ..validate import check_against_base
 
         check_name(name)
         adapter = source if isinstance(source, ExpertLoRA) else load_adapter(source, self.lm.checkpoint.config)
         check_against_base(adapter.info, self.lm.checkpoint.config)
-        return adapter
+        return adapter, self.lm.engine.prepare_adapter(adapter)
 
-    def install(self, name: str, adapter: ExpertLoRA) -> None:
+    def install(self, name: str, adapter: ExpertLoRA, prepared: object) -> None:
         """Make ``adapter`` usable by the next step (engine thread, between steps)."""
         if name in self.lm.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded")
@@ -57,11 +58,9 @@ class AdapterManager:
             if not idle:
                 raise AdapterBusy(f"{self.max_loaded} adapters are loaded and all are in use (max_loaded_adapters)")
             self.remove(idle[0])
-        add_adapter(self.lm, name, adapter)
+        add_adapter(self.lm, name, adapter, prepared)
         self._last_used[name] = time.monotonic()
-        warm = getattr(self.lm.engine, "prepare_adapters", None)
-        if warm is not None:  # GPU copies now, not on the first forward that uses them
-            warm()
+        self.lm.engine.adapters_changed()  # GPU copies now, not on the first forward that uses them
 
     def remove(self, name: str) -> None:
         if name not in self.lm.adapters:
@@ -71,6 +70,7 @@ class AdapterManager:
         remove_adapter(self.lm, name)
         self._last_used.pop(name, None)
         del self.in_use[name]
+        self.lm.engine.adapters_changed()
 
     def slot(self, name: str | None) -> int:
         return self.lm.engine.slot(name)

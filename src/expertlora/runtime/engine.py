@@ -67,6 +67,7 @@ class Engine:
     def __init__(self, config: EngineConfig, progress: Callable | None = None):
         self.config = config
         self.lm, self.tokenizer = _load(config, progress)
+        self.lm.engine.adapters_changed()  # the start-up adapters' device forms, before the first step
         model_config = self.lm.model.config
         self.vocab_size = int(model_config.vocab_size)
         context = getattr(model_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
@@ -190,8 +191,8 @@ class Engine:
     def load_adapter(self, name: str, source: str | Path | ExpertLoRA) -> None:
         """Read and check ``source`` here (off the step loop), then install it between two steps.
         Returns when requests can use it. A failure changes nothing."""
-        adapter = self.adapters.read(name, source)
-        self._submit(lambda: self.adapters.install(name, adapter), wait=True)
+        adapter, prepared = self.adapters.read(name, source)
+        self._submit(lambda: self.adapters.install(name, adapter, prepared), wait=True)
 
     def unload_adapter(self, name: str) -> None:
         """Unload an idle adapter; AdapterBusy while requests use it, UnknownAdapter if absent."""

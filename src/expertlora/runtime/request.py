@@ -114,10 +114,12 @@ class RequestHandle:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._async: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        self._callbacks: list = []
 
     # -- engine side ---------------------------------------------------------------------------
 
     def _push(self, out: RequestOutput) -> None:
+        callbacks = []
         with self._lock:
             if self._async:  # an asyncio consumer reads this handle
                 for loop, q in self._async:
@@ -127,6 +129,9 @@ class RequestHandle:
             if out.finished:
                 self._final = out
                 self._done.set()
+                callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(out)
 
     # -- caller side ---------------------------------------------------------------------------
 
@@ -167,6 +172,15 @@ class RequestHandle:
                 items.append(self._outputs.get_nowait())
             except queue.Empty:
                 return items
+
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(final_output)`` when the request finishes (at once if it has; on the engine
+        thread otherwise: keep it short)."""
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self._final)
 
     def result(self, timeout: float | None = None) -> RequestOutput:
         """The final output (blocks until the request finishes)."""
