@@ -240,8 +240,9 @@ def _hybrid_engine(ckpt: Checkpoint, method: str, threads, group_size: int, wrap
     return HybridMoE.build(layers, gpu_masks, method, group_size, device, threads)
 
 
-def add_adapter(loaded: LoadedModel, name: str, adapter: ExpertLoRA) -> None:
-    """Expert LoRA into an engine slot; non-expert LoRA into TokenLoRALinear swaps, same slot."""
+def add_adapter(loaded: LoadedModel, name: str, adapter: ExpertLoRA, prepared: object | None = None) -> None:
+    """Expert LoRA into an engine slot; non-expert LoRA into TokenLoRALinear swaps, same slot.
+    ``prepared``: the engine's ``prepare_adapter(adapter)``, built beforehand (off a step loop)."""
     from .validate import check_against_base
 
     check_against_base(adapter.info, loaded.checkpoint.config)
@@ -251,7 +252,7 @@ def add_adapter(loaded: LoadedModel, name: str, adapter: ExpertLoRA) -> None:
         if not isinstance(base, torch.nn.Linear) or tuple(base.weight.shape) != (lora.b.shape[0], lora.a.shape[1]):
             raise AdapterError(adapter.info.path, module_name, f"a LoRA for a linear layer of {tuple(base.weight.shape)}",
                                f"A {tuple(lora.a.shape)}, B {tuple(lora.b.shape)}")
-    slot = loaded.engine.load_adapter(name, adapter)
+    slot = loaded.engine.load_adapter(name, adapter, prepared)
     loaded.adapters[name] = adapter
     for module_name, lora in adapter.modules.items():
         path = _module_path(module_name)
