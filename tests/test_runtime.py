@@ -269,3 +269,84 @@ def test_quantized_batched_equals_alone(method, model_dir, fused_adapter):
         alone = [e.generate([p], [a], [s])[0] for p, a in zip(prompts, [None, "math", "math"])]
     for b, a in zip(batched, alone):
         assert b.token_ids[0] == a.token_ids[0]
+
+
+def test_least_recently_used_idle_adapter_is_evicted(model_dir, fused_adapter, second_adapter):
+    math_dir, _, _ = fused_adapter("qwen3_moe")
+    code_dir, peft_code = second_adapter("qwen3_moe")
+    p = ids(5, 60)
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", adapters={"math": math_dir}, max_loaded_adapters=1, max_model_len=32)) as e:
+        busy = e.add_request(p, "math", SamplingParams(max_tokens=20, ignore_eos=True))
+        next(iter(busy))
+        with pytest.raises(AdapterBusy, match="all are in use"):
+            e.load_adapter("code", code_dir)
+        assert e.adapter_names == ["math"]
+        busy.result(timeout=60)
+        e.load_adapter("code", code_dir)  # math is idle now: evicted
+        assert e.adapter_names == ["code"]
+        assert list(e.generate([p], ["code"], [SamplingParams(max_tokens=4)])[0].token_ids) == peft_greedy(peft_code, p, 4)
+
+
+def test_prompts_file_lines_are_checked(tmp_path):
+    from expertlora.errors import AdapterError
+    from expertlora.runtime.prompts_file import read_jobs
+
+    good = '{"id": "a", "prompt_ids": [1, 2], "adapter": null, "max_new_tokens": 3, "stop": "x", "seed": 1}'
+    for line, needle in (
+        ('{"id": "b", "prompt_ids": [1, 2], "temprature": 1}', "line 2: temprature"),
+        ('{"id": "b"}', "exactly one of prompt_ids, prompt, messages"),
+        ('{"id": "b", "prompt_ids": [1, "2"]}', "line 2: prompt_ids"),
+        ('{"id": "b", "prompt": "x", "messages": []}', "exactly one of"),
+        ('{"id": 3, "prompt_ids": [1]}', "line 2: id"),
+        ('{"id": "a", "prompt_ids": [1]}', "an id no other line has"),
+        ('{"id": "b", "prompt_ids": [1], "top_p": 0}', "top_p"),
+        ('{"id": "b", "prompt_ids": [1], "ignore_eos": "yes"}', "ignore_eos"),
+        ('[1, 2]', "a JSON object"),
+        ('{"id": "b", "prompt_ids": [1]', "invalid JSON"),
+    ):
+        path = tmp_path / "jobs.jsonl"
+        path.write_text(good + "\n" + line + "\n")
+        with pytest.raises(AdapterError, match=needle.replace("(", r"\(")):
+            read_jobs(path)
+    path.write_text(good + "\n\n")
+    [job] = read_jobs(path)
+    assert job.sampling.max_tokens == 3 and job.sampling.stop == ("x",) and job.adapter is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_graph_decode_equals_eager(family, model_dir, fused_adapter, second_adapter):
+    """Every expert on the GPU in bf16: decode steps replayed from per-bucket graphs give the
+    tokens eager steps give, mixed adapters included, and adapters loaded between runs are seen."""
+    math_dir, _, _ = fused_adapter(family)
+    code_dir, _ = second_adapter(family)
+    prompts = [ids(4 + i, 70 + i) for i in range(5)]
+    adapters = [None, "math", "code", "math", None]
+    s = SamplingParams(max_tokens=6, ignore_eos=True)
+    results = {}
+    for graphs in (False, True):
+        config = EngineConfig(model_dir(family), method="bf16", adapters={"math": math_dir}, device="cuda", gpu_experts_ratio=1.0,
+                              max_num_seqs=8, max_model_len=64, cuda_graphs=graphs)
+        with Engine(config) as e:
+            assert e.runner.graphs == graphs
+            e.load_adapter("code", code_dir)
+            results[graphs] = [o.token_ids for o in e.generate(prompts, adapters, s)]
+    assert results[True] == results[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_hybrid_engine_equals_cpu(ratio, model_dir, fused_adapter):
+    """fp32, attention on the GPU and none or half of the experts there, the rest on the CPU engine:
+    the same greedy tokens as the all-CPU engine, mixed adapters and chunked prefill included."""
+    math_dir, _, _ = fused_adapter("qwen3_moe")
+    prompts = [ids(4 + 3 * i, 80 + i) for i in range(4)]
+    adapters = [None, "math", "math", None]
+    s = SamplingParams(max_tokens=6, ignore_eos=True)
+    results = []
+    for device in ("cpu", "cuda"):
+        config = EngineConfig(model_dir("qwen3_moe"), method="fp32", adapters={"math": math_dir}, device=device,
+                              gpu_experts_ratio=ratio if device == "cuda" else None, max_prefill_tokens=5, max_model_len=64)
+        with Engine(config) as e:
+            results.append([o.token_ids for o in e.generate(prompts, adapters, s)])
+    assert results[0] == results[1]

@@ -53,13 +53,16 @@ class AdapterManager:
         """Make ``adapter`` usable by the next step (engine thread, between steps)."""
         if name in self.lm.adapters:
             raise ValueError(f"an adapter named {name!r} is already loaded")
+        victim = None
         if len(self.lm.adapters) >= self.max_loaded:
             idle = [n for n in sorted(self._last_used, key=self._last_used.get) if not self.in_use[n]]
             if not idle:
                 raise AdapterBusy(f"{self.max_loaded} adapters are loaded and all are in use (max_loaded_adapters)")
-            self.remove(idle[0])
-        add_adapter(self.lm, name, adapter, prepared)
+            victim = idle[0]
+        add_adapter(self.lm, name, adapter, prepared)  # checks before it changes anything
         self._last_used[name] = time.monotonic()
+        if victim is not None:  # evicted once the new one is in: a failed load evicts nothing
+            self.remove(victim)
         self.lm.engine.adapters_changed()  # GPU copies now, not on the first forward that uses them
 
     def remove(self, name: str) -> None:

@@ -78,7 +78,7 @@ class Engine:
             raise ValueError(f"{config.model}: sliding-window attention is not supported by the engine")
         eos = self.lm.model.generation_config.eos_token_id
         self.eos_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
-        self.runner = ModelRunner(self.lm)
+        self.runner = ModelRunner(self.lm, graphs=config.cuda_graphs)
         self.cache = self._allocate_cache()
         self.scheduler = Scheduler(self.cache, config.max_num_seqs, config.max_prefill_tokens)
         self.adapters = AdapterManager(self.lm, config.max_loaded_adapters)
@@ -192,11 +192,21 @@ class Engine:
         """Read and check ``source`` here (off the step loop), then install it between two steps.
         Returns when requests can use it. A failure changes nothing."""
         adapter, prepared = self.adapters.read(name, source)
-        self._submit(lambda: self.adapters.install(name, adapter, prepared), wait=True)
+
+        def install():
+            self.adapters.install(name, adapter, prepared)
+            self.runner.adapters_changed()
+
+        self._submit(install, wait=True)
 
     def unload_adapter(self, name: str) -> None:
         """Unload an idle adapter; AdapterBusy while requests use it, UnknownAdapter if absent."""
-        self._submit(lambda: self.adapters.remove(name), wait=True)
+
+        def remove():
+            self.adapters.remove(name)
+            self.runner.adapters_changed()
+
+        self._submit(remove, wait=True)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -361,7 +371,7 @@ class Engine:
                 f"the KV cache budget of {budget} bytes holds no sequence of max_model_len {self.max_model_len} "
                 f"({per_slot} bytes each): lower --max-model-len or raise --kv-cache-memory"
             )
-        return KVCache(shapes, slots, self.max_model_len, dtype, self.runner.device)
+        return KVCache(shapes, slots, self.max_model_len, dtype, self.runner.device, pad_slot=self.runner.graphs)
 
 
 class _Stop(BaseException):

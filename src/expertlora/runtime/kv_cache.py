@@ -32,10 +32,15 @@ class LayerShape:
 class KVCache:
     """Per-slot K/V regions for every attention layer, and the free list of slots."""
 
-    def __init__(self, shapes: dict[int, LayerShape], num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, shapes: dict[int, LayerShape], num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 pad_slot: bool = False):
+        """``pad_slot``: one more region, never handed out, that the padding rows of a CUDA graph
+        step (batch sizes rounded up) write to and read from."""
         self.shapes, self.num_slots, self.max_len = shapes, num_slots, max_len
-        self.k = {L: torch.zeros(num_slots, s.kv_heads, max_len, s.k_dim, dtype=dtype, device=device) for L, s in shapes.items()}
-        self.v = {L: torch.zeros(num_slots, s.kv_heads, max_len, s.v_dim, dtype=dtype, device=device) for L, s in shapes.items()}
+        regions = num_slots + pad_slot
+        self.pad_slot = num_slots if pad_slot else None
+        self.k = {L: torch.zeros(regions, s.kv_heads, max_len, s.k_dim, dtype=dtype, device=device) for L, s in shapes.items()}
+        self.v = {L: torch.zeros(regions, s.kv_heads, max_len, s.v_dim, dtype=dtype, device=device) for L, s in shapes.items()}
         self._free = list(range(num_slots - 1, -1, -1))
 
     @staticmethod
@@ -119,7 +124,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         k = _heads(cache.k[layer].index_select(0, plan.decode_slots)[:, :, :S], h)  # [D, h, S, dk]
         v = _heads(cache.v[layer].index_select(0, plan.decode_slots)[:, :, :S], h)
         mask = torch.arange(S, device=q.device)[None, :] < plan.decode_lengths[:, None]  # [D, S]
-        o = F.scaled_dot_product_attention(q[:, :D].transpose(0, 1)[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scaling)
+        o = _sdpa(q[:, :D].transpose(0, 1)[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scaling)
         out[:D] = o[:, :, 0]  # [D, h, dv]
     for c in plan.prefills:
         end = c.start + c.length
@@ -127,12 +132,21 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         v = _heads(cache.v[layer][c.slot, :, :end], h)[None]
         qc = q[None, :, c.offset : c.offset + c.length]  # [1, h, n, dk]
         if c.start == 0:
-            o = F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=scaling)
+            o = _sdpa(qc, k, v, is_causal=True, scale=scaling)
         else:  # query i sits at position start + i: it sees keys 0 .. start + i
             rows = torch.arange(c.length, device=q.device)[:, None] + c.start
-            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=torch.arange(end, device=q.device)[None, :] <= rows, scale=scaling)
+            o = _sdpa(qc, k, v, attn_mask=torch.arange(end, device=q.device)[None, :] <= rows, scale=scaling)
         out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
     return out[None], None
+
+
+def _sdpa(q, k, v, **kwargs):
+    if q.is_cuda:  # not cuDNN's attention: it fails on head sizes real checkpoints do not have (tiny test models)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -21,10 +21,11 @@ def new_generator(sampling: SamplingParams) -> torch.Generator | None:
 
 def sample(logits: torch.Tensor, requests: tuple[Request, ...]) -> list[int]:
     """``logits`` [n, V] (row i for requests[i]) -> one token id per request."""
+    logits = logits.float()
     tokens = logits.argmax(-1).tolist()
     for i, r in enumerate(requests):
         if not r.sampling.greedy:
-            tokens[i] = _draw(logits[i].float().cpu(), r.sampling, r.generator)
+            tokens[i] = _draw(logits[i].cpu(), r.sampling, r.generator)
     return tokens
 
 
