@@ -5,8 +5,9 @@ step's AttentionPlan travels as a keyword argument down to every attention layer
 per-token adapter slots go to the MoE layers and the per-token LoRA modules through the model's
 BatchAdapters for the duration of the call.
 
-Decode-only steps on a model whose experts all live on the GPU (bf16) replay CUDA graphs, one
-per (batch size, cached length) bucket: the step's rows are copied into the graph's static
+Decode-only steps on a GPU model (bf16 GPU experts) replay CUDA graphs, one per (batch size,
+cached length) bucket, whatever share of the experts lives on the GPU: a layer's CPU experts run
+inside the graph through host nodes (hybrid_graph.py). The step's rows are the step's rows are copied into the graph's static
 buffers (token, position, cache slot, cached length, adapter slot), padding rows point at the
 cache's pad slot with no adapter, and the graph replays the whole forward, mixed adapters
 included. A graph is captured on the first step of its bucket and dropped when the set of
@@ -37,6 +38,7 @@ class _StepGraph:
     lengths: torch.Tensor  # [B]
     adapter_slots: torch.Tensor  # [B]
     logits: torch.Tensor  # [B, V]
+    host_calls: list  # the CPU experts' captured calls (hybrid), run by the graph worker on replay
 
 
 class ModelRunner:
@@ -48,6 +50,7 @@ class ModelRunner:
         self.model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
         self.device = self.model.device
         self.graphs = graphs and graphs_possible(lm)
+        self._part = getattr(lm.engine, "graph_part", None) if self.graphs else None  # hybrid: the CPU parts in graphs
         self._graphs: dict[tuple[int, int], _StepGraph] = {}
         self._pool = None
 
@@ -94,7 +97,10 @@ class ModelRunner:
         _fill(g.cache_slots, plan.token_slots, plan.cache.pad_slot)
         _fill(g.lengths, plan.decode_lengths, 1)
         _fill(g.adapter_slots, batch.adapter_slots, NO_ADAPTER)
-        g.graph.replay()
+        if self._part is None:
+            g.graph.replay()
+        else:
+            self._part.replay(g.host_calls, g.graph)
         return g.logits[:D]
 
     def _capture(self, B: int, S: int, cache: KVCache) -> _StepGraph:
@@ -115,19 +121,27 @@ class ModelRunner:
                 self.lm.batch.set(None)
             return out.logits[0]
 
+        part = self._part
         with torch.no_grad():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up outside the graph: kernels compiled, caches filled
-                for _ in range(2):
-                    step()
+                if part is not None:
+                    part.preparing = True  # the CPU parts' pinned buffers, allocated now
+                try:
+                    for _ in range(2):
+                        step()
+                finally:
+                    if part is not None:
+                        part.preparing = False
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = step()
-        return _StepGraph(graph, ids, positions, slots, lengths, adapters, logits)
+        calls = part.take_captured() if part is not None else []
+        return _StepGraph(graph, ids, positions, slots, lengths, adapters, logits, calls)
 
 
 def _fill(static: torch.Tensor, values: torch.Tensor, pad: int) -> None:
@@ -137,12 +151,13 @@ def _fill(static: torch.Tensor, values: torch.Tensor, pad: int) -> None:
 
 
 def graphs_possible(lm: LoadedModel) -> bool:
-    """Whether decode steps can be captured: a GPU, every expert on it, on a path that never waits
-    for the device (bf16, where grouped matmuls run there)."""
+    """Whether decode steps can be captured: a GPU, GPU experts on a path that never waits for
+    the device (bf16, where grouped matmuls run there), and for CPU experts, host nodes."""
     from ..hybrid import HybridMoE
 
     engine = lm.engine
     if not isinstance(engine, HybridMoE) or not engine.gpu.graphs:
         return False
     E = engine.cpu.slots.shape[0]
-    return all(engine.gpu.num_resident(L) == E for L in engine.gpu.layers)
+    return all(engine.gpu.num_resident(L) == E for L in engine.gpu.layers) or engine.enable_graphs() is None
+

@@ -1,0 +1,135 @@
+"""The hybrid's CPU part inside a CUDA graph: a whole decode step, CPU experts included, replays
+as one graph.
+
+While a step is captured, each MoE layer's CPU part becomes, in the stream's order:
+
+    copy x, ids, weights (and the adapter slots) into pinned host buffers
+    host node: post ``ready``        -> the worker thread runs the CPU engine on those buffers
+    the GPU experts' kernels          (meanwhile)
+    host node: wait for ``done``     <- the worker posts it with the result in a pinned buffer
+    copy the result to the GPU and add it
+
+Each captured layer call is a HostCall. ``replay(calls, graph)`` hands a graph's calls to the
+worker, then replays it: the worker waits for each call's ``ready``, runs it, posts ``done``, in
+the order they were captured. A failure in the CPU part still posts ``done`` (the stream never
+hangs) and is raised in the caller once the step is over.
+
+The pinned buffers are allocated in ``prepare`` mode, by the eager warm-up steps that come before
+a capture (allocating while capturing is not allowed), one set per (layer, batch shape).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .host_nodes import Semaphore, launch_host
+
+# How long the worker waits for a call's inputs before it reports the replay as lost.
+READY_TIMEOUT_S = 60.0
+
+
+@dataclass
+class HostCall:
+    layer: int
+    x: torch.Tensor  # [T, H] pinned
+    ids: torch.Tensor  # [T, k] pinned
+    weights: torch.Tensor  # [T, k] pinned
+    slots: torch.Tensor | None  # [T] on the host: pinned (staged each replay) or a constant tensor
+    out: torch.Tensor  # [T, H] pinned: the CPU part's result
+    ready: Semaphore
+    done: Semaphore
+
+
+class GraphCpuPart:
+    """Captured CPU parts and the worker thread that runs them when their graph replays."""
+
+    def __init__(self, run: Callable[[HostCall], torch.Tensor]):
+        """``run(call)``: the CPU engine on a call's buffers, giving its [T, H] result."""
+        self._run = run
+        self._buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self.preparing = False  # set around the eager steps before a capture: they allocate the buffers
+        self.captured: list[HostCall] = []  # the calls of the capture in progress
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="expertlora-graph-cpu-experts", daemon=True)
+        self._thread.start()
+
+    def prepare(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Allocate the pinned buffers a capture of this call will use (eager, before capture)."""
+        key = (layer, tuple(x.shape), tuple(ids.shape), x.dtype, ids.dtype, weights.dtype)
+        if key not in self._buffers:
+            def pinned(t):
+                return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+            T = x.shape[0]
+            self._buffers[key] = (pinned(x), pinned(ids), pinned(weights), torch.empty(T, dtype=torch.long, pin_memory=True),
+                                  pinned(x))
+
+    def capture(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                token_slots: torch.Tensor | None, gpu_part: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+        """Record one layer call in the graph being captured; returns its [T, H] output (the GPU
+        part's result, if any, plus the CPU part's)."""
+        key = (layer, tuple(x.shape), tuple(ids.shape), x.dtype, ids.dtype, weights.dtype)
+        if key not in self._buffers:
+            raise RuntimeError(f"layer {layer}: no pinned buffers for {tuple(x.shape)}; run one eager step in prepare mode first")
+        x_h, ids_h, w_h, slots_h, out_h = self._buffers[key]
+        x_h.copy_(x, non_blocking=True)
+        ids_h.copy_(ids, non_blocking=True)
+        w_h.copy_(weights, non_blocking=True)
+        slots = token_slots
+        if token_slots is not None and token_slots.is_cuda:
+            slots = slots_h.copy_(token_slots, non_blocking=True)
+        call = HostCall(layer, x_h, ids_h, w_h, slots, out_h, Semaphore(), Semaphore())
+        stream = torch.cuda.current_stream()
+        launch_host(stream, "post", call.ready)
+        y = gpu_part()
+        launch_host(stream, "wait", call.done)
+        cpu = out_h.to(x.device, non_blocking=True)
+        self.captured.append(call)
+        return cpu if y is None else y + cpu
+
+    def take_captured(self) -> list[HostCall]:
+        calls, self.captured = self.captured, []
+        return calls
+
+    def replay(self, calls: list[HostCall], graph: torch.cuda.CUDAGraph) -> None:
+        """Replay ``graph`` with the worker running ``calls``; returns when the step is done
+        (the stream synchronised); raises what the CPU part raised."""
+        # synchronize() releases the GIL while it waits: the worker runs Python too
+        self.run_replay(calls, graph.replay, torch.cuda.current_stream().synchronize)
+
+    def run_replay(self, calls: list[HostCall], start: Callable[[], None], finish: Callable[[], None]) -> None:
+        """``start()`` launches the work that reaches each call's host nodes in order, ``finish()``
+        waits for it to end."""
+        if not calls:
+            start()
+            finish()
+            return
+        self._todo.put(calls)
+        start()
+        finish()
+        error = self._results.get()
+        if error is not None:
+            raise RuntimeError(f"the CPU experts failed in a replayed step: {error}") from error
+
+    def _work(self) -> None:
+        while True:
+            calls = self._todo.get()
+            error = None
+            for call in calls:
+                if not call.ready.wait(READY_TIMEOUT_S):
+                    error = error or TimeoutError(f"layer {call.layer}: its inputs never arrived")
+                    break  # the graph is not running: posting done now would release a later replay too early
+                try:
+                    if error is None:
+                        call.out.copy_(self._run(call))
+                except Exception as e:  # reported to the caller; the stream must go on
+                    error = e
+                finally:
+                    call.done.post()
+            self._results.put(error)

@@ -1,0 +1,179 @@
+"""The hybrid's CPU part inside CUDA graphs (hybrid_graph.py, host_nodes.py): the semaphores the
+host nodes post and wait on, the worker's hand-off in capture order, and a failure in the CPU part
+raised in the caller without hanging the stream; on a GPU, graph decode with CPU experts equals
+eager decode."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+import pytest
+import torch
+
+from expertlora.host_nodes import HostNodesUnavailable, Semaphore, _library
+from expertlora.hybrid_graph import GraphCpuPart, HostCall
+
+from .conftest import FAMILIES
+
+if isinstance(_library(), HostNodesUnavailable):
+    pytest.skip(f"host_sync.c does not build here: {_library()}", allow_module_level=True)
+
+HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def test_semaphore_post_wait_and_timeout():
+    s = Semaphore()
+    start = time.monotonic()
+    assert s.wait(0.05) is False and time.monotonic() - start >= 0.04
+    s.post()
+    s.post()
+    assert s.wait(1.0) and s.wait(1.0) and not s.wait(0.01)
+
+
+def test_host_functions_called_as_cuda_calls_them():
+    """The C functions behind the host nodes, called through their raw addresses from another
+    thread (as the driver's callback thread does): post releases a waiter, wait blocks until posted."""
+    lib = _library()
+    post, wait = (HOST_FN(ctypes.cast(fn, ctypes.c_void_p).value) for fn in (lib.el_post, lib.el_wait))
+    ready, done = Semaphore(), Semaphore()
+    order = []
+
+    def stream():
+        post(ready.address)
+        order.append("posted")
+        wait(done.address)  # blocks until the host thread is done
+        order.append("released")
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert ready.wait(5.0)
+    time.sleep(0.05)
+    assert order == ["posted"]  # still waiting on done
+    done.post()
+    t.join(5.0)
+    assert order == ["posted", "released"] and not t.is_alive()
+
+
+def _calls(n: int, T: int = 3, H: int = 8):
+    g = torch.Generator().manual_seed(n)
+    return [HostCall(layer, torch.randn(T, H, generator=g), torch.randint(0, 4, (T, 2), generator=g), torch.rand(T, 2, generator=g),
+                     None, torch.empty(T, H), Semaphore(), Semaphore()) for layer in range(n)]
+
+
+def _fake_stream(calls, log):
+    """What a replayed graph does: per call, post ready, "GPU work", wait for done, read out."""
+    lib = _library()
+    post, wait = (HOST_FN(ctypes.cast(fn, ctypes.c_void_p).value) for fn in (lib.el_post, lib.el_wait))
+
+    def run():
+        for c in calls:
+            post(c.ready.address)
+            wait(c.done.address)
+            log.append((c.layer, c.out.clone()))
+
+    return threading.Thread(target=run)
+
+
+def test_worker_runs_each_call_in_capture_order():
+    seen = []
+
+    def cpu_part(call):
+        seen.append(call.layer)
+        return call.x * call.weights.sum(1, keepdim=True) + call.layer
+
+    part = GraphCpuPart(cpu_part)
+    for step in range(3):  # the same captured calls, replayed again and again
+        calls, log = _calls(4), []
+        stream = _fake_stream(calls, log)
+        part.run_replay(calls, stream.start, lambda: stream.join(10))
+        assert [layer for layer, _ in log] == [0, 1, 2, 3]
+        for c, (_, out) in zip(calls, log):
+            assert torch.equal(out, c.x * c.weights.sum(1, keepdim=True) + c.layer)
+    assert seen == [0, 1, 2, 3] * 3
+
+
+def test_failure_in_the_cpu_part_is_raised_and_the_stream_finishes():
+    def cpu_part(call):
+        if call.layer == 1:
+            raise ValueError("kernel says no")
+        return call.x
+
+    part = GraphCpuPart(cpu_part)
+    calls, log = _calls(3), []
+    stream = _fake_stream(calls, log)
+    with pytest.raises(RuntimeError, match="kernel says no"):
+        part.run_replay(calls, stream.start, lambda: stream.join(10))
+    assert not stream.is_alive() and [layer for layer, _ in log] == [0, 1, 2]
+    # the worker is still there for the next replay
+    calls, log = _calls(1), []
+    stream = _fake_stream(calls, log)
+    part.run_replay(calls, stream.start, lambda: stream.join(10))
+    assert torch.equal(log[0][1], calls[0].x)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_engine_hybrid_graph_decode_equals_eager(family, ratio, model_dir, fused_adapter):
+    from expertlora.runtime import Engine, EngineConfig, SamplingParams
+
+    math_dir, _, _ = fused_adapter(family)
+    prompts = [torch.randint(0, 96, (4 + i,), generator=torch.Generator().manual_seed(90 + i)).tolist() for i in range(3)]
+    adapters = [None, "math", "math"]
+    s = SamplingParams(max_tokens=6, ignore_eos=True)
+    results = {}
+    for graphs in (False, True):
+        config = EngineConfig(model_dir(family), method="bf16", adapters={"math": math_dir}, device="cuda", gpu_experts_ratio=ratio,
+                              max_num_seqs=4, max_model_len=48, cuda_graphs=graphs)
+        with Engine(config) as e:
+            assert e.runner.graphs == graphs
+            results[graphs] = [o.token_ids for o in e.generate(prompts, adapters, s)]
+    assert results[True] == results[False]
+
+
+@cuda
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_greedy_decode_hybrid_graph_equals_eager(ratio, model_dir, fused_adapter):
+    from expertlora import load_adapter
+    from expertlora.decode import greedy_decode
+    from expertlora.integration import load_model
+    from expertlora.placement import gpu_masks
+
+    math_dir, _, base = fused_adapter("qwen3_moe")
+    masks = gpu_masks(base.num_experts, base.moe_layers, round(ratio * base.num_experts), "prefix", None)
+    lm = load_model(model_dir("qwen3_moe"), "bf16", adapters={"math": load_adapter(math_dir, base)}, device="cuda", gpu_masks=masks)
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(3)).cuda()
+    lm.use(["math", None])
+    eager = greedy_decode(lm, ids, 8, graph=False)
+    replayed = greedy_decode(lm, ids, 8, graph=True)
+    assert torch.equal(eager, replayed)
+
+
+@cuda
+def test_cpu_failure_in_a_replayed_step_is_an_error(model_dir):
+    from expertlora.runtime import Engine, EngineConfig, SamplingParams
+
+    config = EngineConfig(model_dir("qwen3_moe"), method="bf16", device="cuda", gpu_experts_ratio=0.5, max_num_seqs=2, max_model_len=32)
+    with Engine(config) as e:
+        p = [1, 2, 3]
+        e.generate([p], sampling=SamplingParams(max_tokens=4, ignore_eos=True))  # graphs captured
+        cpu = e.lm.engine.cpu
+
+        def broken(*args, **kwargs):  # fails in replayed steps only (the graph worker's thread)
+            if threading.current_thread().name == "expertlora-graph-cpu-experts":
+                raise RuntimeError("injected CPU failure")
+            return saved(*args, **kwargs)
+
+        saved = cpu.forward
+        cpu.forward = broken
+        try:
+            out = e.generate([p], sampling=SamplingParams(max_tokens=4, ignore_eos=True))[0]
+        finally:
+            cpu.forward = saved
+        assert out.finish_reason == "abort" and "injected CPU failure" in (out.error or "")
+        assert e.generate([p], sampling=SamplingParams(max_tokens=4, ignore_eos=True))[0].finish_reason == "length"
