@@ -1,0 +1,83 @@
+"""Engine outputs as OpenAI response bodies: whole (``text_completion`` / ``chat.completion``)
+or as server-sent event chunks, ending with ``data: [DONE]``.
+
+``return_token_ids`` adds ``prompt_token_ids`` (the first chunk, or the whole answer) and the
+generated ``token_ids`` (each chunk's new ones) to each choice: the only content a checkpoint
+without a tokenizer can give.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..runtime import RequestOutput
+from .errors import error_body
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def usage(out: RequestOutput) -> dict:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+
+@dataclass
+class Answer:
+    """What one request's answer looks like: its id, the ``model`` it named, its kind, options."""
+
+    request_id: str
+    model: str
+    chat: bool
+    token_ids: bool
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    _started: bool = False
+
+    def _head(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model}
+
+    def whole(self, out: RequestOutput) -> dict:
+        """The non-streaming body of a finished request."""
+        choice = {"index": 0}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": out.text}
+        else:
+            choice |= {"text": out.text}
+        choice |= {"logprobs": None, "finish_reason": out.finish_reason}
+        if self.token_ids:
+            choice |= {"prompt_token_ids": list(out.prompt_token_ids), "token_ids": list(out.token_ids)}
+        return self._head(False) | {"choices": [choice], "usage": usage(out)}
+
+    def chunks(self, out: RequestOutput) -> Iterator[str]:
+        """The SSE events for one output (none for one that adds nothing a client would see)."""
+        if out.error is not None:  # the engine failed this request: say why, then end the stream
+            yield sse(error_body(500, f"the request failed: {out.error}", None, "internal_error"))
+            return
+        first = not self._started
+        if not (first or out.new_text or out.finished or (self.token_ids and out.new_token_ids)):
+            return
+        self._started = True
+        if self.chat:
+            delta = {"role": "assistant", "content": out.new_text} if first else {"content": out.new_text}
+            choice = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": out.new_text}
+        choice |= {"logprobs": None, "finish_reason": out.finish_reason}
+        if self.token_ids:
+            if first:
+                choice["prompt_token_ids"] = list(out.prompt_token_ids)
+            choice["token_ids"] = list(out.new_token_ids)
+        body = self._head(True) | {"choices": [choice]}
+        if self.include_usage:
+            body["usage"] = None
+        yield sse(body)
+        if out.finished and self.include_usage:
+            yield sse(self._head(True) | {"choices": [], "usage": usage(out)})

@@ -1,0 +1,559 @@
+"""The OpenAI-compatible server (expertlora.serve) on a live loopback socket, driven by the official
+openai client: completions and chat, streamed and not, for the base and each adapter, with token
+ids equal to the engine's for the same request (and to transformers + PEFT, fp32 greedy);
+adapters loaded and unloaded at runtime; every refusal by status and message; disconnects that
+abort at once; a bounded concurrent load with adapters changing midway; graceful stops; and the
+``serve`` command stopped by SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from expertlora import tiny  # noqa: E402
+from expertlora.runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
+from expertlora.serve import Server, ServeConfig  # noqa: E402
+from expertlora.serve.errors import APIError  # noqa: E402
+
+from .serve_helpers import as_text, build_model, metric, peft_greedy, random_ids, sse_events  # noqa: E402
+
+MAX_MODEL_LEN = 2048
+LONG = MAX_MODEL_LEN - 16  # tokens a request asks for when it must still be running when we act
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One engine (fp32, adapter "alpha" loaded at start) behind a server named "tiny"."""
+    root = tmp_path_factory.mktemp("serve")
+    model_dir, adapters = build_model(root)
+    engine = Engine(EngineConfig(model_dir, method="fp32", adapters={"alpha": adapters["alpha"][0]}, max_model_len=MAX_MODEL_LEN,
+                                 max_num_seqs=16, kv_cache_memory=128 << 20, threads=1))
+    server = Server(engine, ServeConfig(port=0, served_model_name="tiny")).start()
+    try:
+        yield type("Served", (), dict(engine=engine, server=server, url=server.url, root=root, model_dir=model_dir,
+                                      adapters=adapters))
+    finally:
+        server.stop(timeout=5)
+        engine.close()
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def alone(engine, prompt, adapter, sampling) -> tuple[int, ...]:
+    return engine.generate([prompt], [adapter], [sampling])[0].token_ids
+
+
+def complete(client, model, prompt, max_tokens, **kw):
+    extra = {"return_token_ids": True, "ignore_eos": True} | kw.pop("extra_body", {})
+    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=kw.pop("temperature", 0),
+                                     extra_body=extra, **kw)
+
+
+def refused(call, status: int, message: str, param: str | None = "?"):
+    """``call`` fails with this status, a message matching ``message``, and (if given) this param."""
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    e = info.value
+    error = e.body if isinstance(e.body, dict) and "message" in e.body else (e.body or {}).get("error", {})
+    assert e.status_code == status, (e.status_code, error)
+    assert re.search(message, error["message"]), error["message"]
+    if param != "?":
+        assert error.get("param") == param, error
+    return e
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+# -- completions and chat: the engine's tokens, over HTTP ----------------------------------------
+
+
+def test_completions_equal_engine_and_peft(served, client):
+    engine = served.engine
+    prompt = random_ids(7, seed=random.randrange(1 << 30))
+    tokens = {}
+    for model, adapter in (("tiny", None), ("alpha", "alpha"), ("tiny:alpha", "alpha")):
+        r = complete(client, model, prompt, 10)
+        choice = r.choices[0]
+        assert choice.prompt_token_ids == prompt and choice.finish_reason == "length"
+        assert tuple(choice.token_ids) == alone(engine, prompt, adapter, greedy(10)), model
+        assert choice.text == as_text(choice.token_ids) and r.model == model
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (7, 10, 17)
+        tokens[model] = choice.token_ids
+    assert tokens["alpha"] == tokens["tiny:alpha"] != tokens["tiny"]  # the adapter changes the answer
+    peft_alpha = served.adapters["alpha"][1]
+    assert tokens["tiny"] == peft_greedy(peft_alpha, prompt, 10, base=True)
+    assert tokens["alpha"] == peft_greedy(peft_alpha, prompt, 10)
+    # text prompts go through the checkpoint's tokenizer
+    r = complete(client, "alpha", as_text(prompt), 10)
+    assert r.choices[0].prompt_token_ids == prompt and r.choices[0].token_ids == tokens["alpha"]
+
+
+def test_streamed_completion_equals_whole(served, client):
+    prompt = random_ids(5, seed=random.randrange(1 << 30))
+    whole = complete(client, "alpha", prompt, 9).choices[0]
+    stream = complete(client, "alpha", prompt, 9, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 9)
+    choices = [c.choices[0] for c in chunks[:-1]]
+    assert choices[0].prompt_token_ids == prompt
+    assert [t for c in choices for t in c.token_ids] == whole.token_ids
+    assert "".join(c.text for c in choices) == whole.text
+    assert [c.finish_reason for c in choices] == [None] * (len(choices) - 1) + ["length"]
+    # without include_usage there is no usage chunk; the raw stream ends with [DONE]
+    with httpx.stream("POST", f"{served.url}/v1/completions", timeout=30, json={
+            "model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        events = sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]" and all("usage" not in e for e in events[:-1]) and len(events) == 5
+
+
+def test_chat_equals_engine(served, client):
+    engine = served.engine
+    words = random_ids(6, seed=random.randrange(1 << 30))
+    messages = [{"role": "user", "content": as_text(words)}]
+    want_prompt = [3, *words, 2]  # serve_helpers.CHAT_TEMPLATE
+    assert engine.prompt_ids(messages) == want_prompt
+    want = alone(engine, want_prompt, "alpha", greedy(8))
+    r = client.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0,
+                                       extra_body={"return_token_ids": True, "ignore_eos": True})
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.prompt_token_ids == want_prompt and tuple(choice.token_ids) == want
+    assert choice.message.content == as_text(want)
+    # streamed, with content given as text parts and the newer max_completion_tokens
+    parts = [{"role": "user", "content": [{"type": "text", "text": as_text(words[:3]) + " "}, {"type": "text", "text": as_text(words[3:])}]}]
+    chunks = list(client.chat.completions.create(model="tiny:alpha", messages=parts, max_completion_tokens=8, temperature=0, stream=True,
+                                                 extra_body={"return_token_ids": True, "ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert tuple(t for c in chunks for t in c.choices[0].token_ids) == want
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == as_text(want)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_sampling_settings_reach_the_engine(served, client):
+    engine = served.engine
+    prompt = random_ids(6, seed=random.randrange(1 << 30))
+    sampled = {}
+    for seed in (123, 456):
+        r = complete(client, "alpha", prompt, 12, temperature=0.9, top_p=0.95, seed=seed, extra_body={"top_k": 20})
+        want = alone(engine, prompt, "alpha", SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=20, seed=seed, ignore_eos=True))
+        assert tuple(r.choices[0].token_ids) == want
+        sampled[seed] = want
+    assert sampled[123] != sampled[456]
+    # a stop string ends the text before it, with finish_reason stop
+    full = complete(client, "tiny", prompt, 12).choices[0]
+    stop = f" t{full.token_ids[4]}"
+    r = complete(client, "tiny", prompt, 12, stop=[stop]).choices[0]
+    assert r.finish_reason == "stop" and r.text == full.text[: full.text.index(stop)]
+    # stop_token_ids: the token ends the output and is kept in token_ids
+    r = complete(client, "tiny", prompt, 12, extra_body={"stop_token_ids": [full.token_ids[3]]}).choices[0]
+    assert r.finish_reason == "stop" and r.token_ids == full.token_ids[: full.token_ids.index(full.token_ids[3]) + 1]
+
+
+# -- adapters at runtime ----------------------------------------------------------------------------
+
+
+def test_load_and_unload_at_runtime(served, client):
+    engine, url = served.engine, served.url
+    prompt = random_ids(6, seed=random.randrange(1 << 30))
+    beta_dir, beta_peft = served.adapters["beta"]
+    refused(lambda: complete(client, "beta", prompt, 4), 404, "'beta' does not exist", "model")
+    # a long request runs through the loads and failed loads below, untouched
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+            "model": "alpha", "prompt": prompt, "max_tokens": 300, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}) as running:
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": str(beta_dir)}, timeout=60)
+        assert r.status_code == 200 and r.json()["loaded_adapters"] == ["alpha", "beta"]
+        bad = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "broken", "lora_path": str(served.root / "missing")}, timeout=60)
+        assert bad.status_code == 400 and "could not be loaded" in bad.json()["error"]["message"]
+        wrong = tiny.write_per_expert_adapter(served.root / "wrong_shape", num_layers=[0], num_experts=6, hidden_size=40, intermediate_size=64)
+        bad = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "broken", "lora_path": str(wrong)}, timeout=60)  # SGLang's route
+        message = bad.json()["error"]["message"]
+        assert bad.status_code == 400 and "\n" not in message and re.search("hidden|32|40", message), message
+        again = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": str(beta_dir)}, timeout=60)
+        assert again.status_code == 409 and "already loaded" in again.json()["error"]["message"]
+        events = sse_events(running.iter_lines())
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert tuple(t for e in events[:-1] for t in e["choices"][0]["token_ids"]) == alone(engine, prompt, "alpha", greedy(300))
+    assert engine.adapter_names == ["alpha", "beta"]
+
+    listed = {m.id: m for m in client.models.list().data}
+    assert set(listed) == {"tiny", "alpha", "beta"} and listed["beta"].parent == "tiny" and listed["tiny"].parent is None
+    got = complete(client, "beta", prompt, 8).choices[0].token_ids
+    assert tuple(got) == alone(engine, prompt, "beta", greedy(8)) and got == peft_greedy(beta_peft, prompt, 8)
+    assert got != complete(client, "alpha", prompt, 8).choices[0].token_ids
+
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "beta"}, timeout=60)
+    assert r.status_code == 200 and r.json()["loaded_adapters"] == ["alpha"]
+    refused(lambda: complete(client, "beta", prompt, 4), 404, "'beta' does not exist", "model")
+    r = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "beta"}, timeout=60)
+    assert r.status_code == 404 and "no adapter named 'beta'" in r.json()["error"]["message"]
+
+
+def test_adapter_dirs_confine_runtime_loads(served, tmp_path):
+    engine = served.engine
+    root = tmp_path / "adapters"
+    root.mkdir()
+    (root / "inside").symlink_to(served.adapters["gamma"][0])  # a link from inside to a folder outside
+    os.symlink(served.adapters["beta"][0], root / "beta_link")
+    with Server(engine, ServeConfig(port=0, served_model_name="tiny", adapter_dirs=(root,))) as server:
+        def load(name, path):
+            return httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=60)
+
+        for path in (served.adapters["beta"][0], root / "inside", "beta_link", root / ".." / "alpha"):
+            r = load("x", path)
+            assert r.status_code == 403 and "outside the adapter folders" in r.json()["error"]["message"], (path, r.text)
+        assert engine.adapter_names == ["alpha"]
+    # without roots, a server reachable from other machines loads nothing at runtime
+    from expertlora.serve.state import ServerState
+
+    state = ServerState(engine, ServeConfig(host="0.0.0.0"))
+    with pytest.raises(APIError) as info:
+        state.allowed_adapter_path(str(served.adapters["beta"][0]))
+    assert info.value.status == 403 and "--adapter-dir" in info.value.message
+    state.shutdown_threads()
+
+
+def test_adapter_inside_a_root_loads(served, tmp_path):
+    import shutil
+
+    root = tmp_path / "adapters"
+    shutil.copytree(served.adapters["gamma"][0], root / "gamma")
+    with Server(served.engine, ServeConfig(port=0, served_model_name="tiny", adapter_dirs=(root,))) as server:
+        r = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "g", "lora_path": "gamma"}, timeout=60)
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "g"}, timeout=60)
+        assert r.status_code == 200 and served.engine.adapter_names == ["alpha"]
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+
+
+def test_bad_requests_are_400(served, client):
+    p = random_ids(4, seed=random.randrange(1 << 30))
+    chat = client.chat.completions.create
+    msgs = [{"role": "user", "content": "t5"}]
+    cases = [
+        (lambda: complete(client, "tiny", p, 4, n=2), "n: only n = 1", "n"),
+        (lambda: complete(client, "tiny", p, 4, extra_body={"repetition_penalty": 1.2}), "repetition_penalty: unknown field", "repetition_penalty"),
+        (lambda: complete(client, "tiny", [5, 96], 4), r"token id 96 is outside the vocabulary \[0, 96\)", "prompt"),
+        (lambda: complete(client, "tiny", p, MAX_MODEL_LEN), "exceed the context of 2048", "max_tokens"),
+        (lambda: complete(client, "tiny", p, 0), "max_tokens: expected an integer >= 1", "max_tokens"),
+        (lambda: complete(client, "tiny", p, 4, temperature="hot"), "temperature: .*number", "temperature"),
+        (lambda: complete(client, "tiny", p, 4, top_p=0), r"top_p: expected > 0", "top_p"),
+        (lambda: complete(client, "tiny", p, 4, seed=-1), "seed: expected an integer >= 0", "seed"),
+        (lambda: complete(client, "tiny", p, 4, stop=[f"s{i}" for i in range(17)]), "stop", "stop"),
+        (lambda: complete(client, "tiny", [p, p], 4), "one prompt per request, found 2", "prompt"),
+        (lambda: complete(client, "tiny", [], 4), "at least one token", "prompt"),
+        (lambda: complete(client, "tiny", [1, True], 4), "expected a string or a list", "prompt"),
+        (lambda: complete(client, "tiny", p, 4, frequency_penalty=0.5), "frequency_penalty: not supported", "frequency_penalty"),
+        (lambda: complete(client, "tiny", p, 4, logprobs=2), "logprobs: not supported", "logprobs"),
+        (lambda: chat(model="tiny", messages=[], max_tokens=4), "messages", "messages"),
+        (lambda: chat(model="tiny", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], max_tokens=4),
+         "messages.0.content: only text parts .* found 'image_url'", "messages.0.content"),
+        (lambda: chat(model="tiny", messages=msgs, max_tokens=4, max_completion_tokens=5), "differs from max_tokens", "max_completion_tokens"),
+        (lambda: chat(model="tiny", messages=msgs, max_tokens=4, tools=[{"type": "function", "function": {"name": "f"}}]), "tools: not supported", "tools"),
+    ]
+    for call, message, param in cases:
+        refused(call, 400, message, param)
+    for body, message in ((b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b"[" * 100_000 + b"]" * 100_000, "body")):
+        r = httpx.post(f"{served.url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_not_found_is_404(served, client):
+    p = random_ids(4, seed=random.randrange(1 << 30))
+    refused(lambda: complete(client, "gpt-4", p, 4), 404, r"'gpt-4' does not exist; this server has: tiny, alpha", "model")
+    refused(lambda: complete(client, "tiny:nope", p, 4), 404, "'tiny:nope' does not exist", "model")
+    refused(lambda: complete(client, "other:alpha", p, 4), 404, "'other:alpha' does not exist", "model")
+    r = httpx.get(f"{served.url}/v1/nothing", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no route GET /v1/nothing"
+
+
+def test_api_key(served):
+    with Server(served.engine, ServeConfig(port=0, served_model_name="tiny", api_key="s3cret")) as server:
+        p = random_ids(4, seed=random.randrange(1 << 30))
+        for key in ("wrong", "s3cre", "s3cret2"):
+            c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+            refused(lambda: complete(c, "tiny", p, 2), 401, "invalid or missing API key")
+            refused(lambda: c.models.list(), 401, "invalid or missing API key")
+        r = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "alpha"}, timeout=10)
+        assert r.status_code == 401 and served.engine.adapter_names == ["alpha"]
+        good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+        assert complete(good, "tiny", p, 2).choices[0].token_ids
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200  # probes need no key
+        assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 200
+
+
+def test_body_size_is_bounded(served):
+    with Server(served.engine, ServeConfig(port=0, served_model_name="tiny", max_body_bytes=4096)) as server:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        refused(lambda: complete(c, "tiny", random_ids(2000, seed=1), 2), 413, "larger than 4096 bytes")
+
+        def chunked():  # no Content-Length: counted as it arrives
+            yield b'{"model": "tiny", "prompt": "'
+            for _ in range(100):
+                yield b"t5 " * 100
+            yield b'"}'
+
+        r = httpx.post(f"{server.url}/v1/completions", content=chunked(), headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert complete(c, "tiny", random_ids(4, seed=2), 2).choices[0].token_ids
+
+
+def test_in_use_adapter_and_disconnects(served, client):
+    """Unloading an adapter a request uses is 409; a client that goes away aborts its request at once."""
+    engine, url = served.engine, served.url
+    prompt = random_ids(3, seed=random.randrange(1 << 30))
+
+    def aborted():
+        return metric(httpx.get(f"{url}/metrics", timeout=10).text, "expertlora_requests_total", adapter="alpha", finish_reason="abort")
+
+    before, steps = aborted(), engine.stats().steps
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{url}/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": LONG,
+                                                                "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            busy = http.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "alpha"})
+            assert busy.status_code == 409 and "in use by 1 request" in busy.json()["error"]["message"]
+        wait_for(lambda: aborted() == before + 1, what="the streamed request's abort")
+    wait_for(lambda: engine.stats().running == 0 and engine.stats().kv_slots_used == 0, what="the cache slot to be free")
+    assert engine.stats().steps - steps < LONG // 2  # stopped early, not run to its end
+    steps = engine.stats().steps
+    # not streamed: the client times out and closes its connection
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": LONG, "temperature": 0,
+                                                   "ignore_eos": True}, timeout=0.3)
+    wait_for(lambda: aborted() == before + 2, what="the plain request's abort")
+    wait_for(lambda: engine.stats().running == 0, what="the engine to stop the request")
+    assert engine.stats().steps - steps < LONG // 2
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    assert metric(text, "expertlora_requests_running") == 0 and metric(text, "expertlora_kv_cache_usage_ratio") == 0
+    assert engine.adapter_names == ["alpha"]
+
+
+def test_queue_full_and_closed_engine_are_503(served, tmp_path):
+    plain = tiny.save_checkpoint(tiny.tiny_model("qwen3_moe", seed=0), tmp_path / "plain")  # no tokenizer
+    engine = Engine(EngineConfig(plain, method="fp32", max_num_seqs=1, max_queued_requests=2, max_model_len=256, threads=1))
+    server = Server(engine, ServeConfig(port=0, retry_after_s=2)).start()
+    try:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == ["plain"]  # the folder's name by default
+        r = complete(c, "plain", [5, 6, 7], 5)
+        assert r.choices[0].text == "" and len(r.choices[0].token_ids) == 5  # no tokenizer: ids only
+        refused(lambda: complete(c, "plain", "t5 t6", 4), 400, "no tokenizer; give the prompt as token ids", "prompt")
+        refused(lambda: c.chat.completions.create(model="plain", messages=[{"role": "user", "content": "hi"}], max_tokens=2),
+                400, "no chat template", "messages")
+        results, lock = [], threading.Lock()
+
+        def one():
+            try:
+                complete(c, "plain", [5, 6, 7], 200)
+                outcome = "ok"
+            except openai.APIStatusError as e:
+                outcome = (e.status_code, e.response.headers.get("retry-after"), e.body.get("message", ""))
+            with lock:
+                results.append(outcome)
+
+        threads = [threading.Thread(target=one) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        full = [r for r in results if r != "ok"]
+        assert full and all(s == 503 and retry == "2" and "requests are waiting" in m for s, retry, m in full), results
+        assert len(results) == 12 and "ok" in results
+    finally:
+        engine.close()
+    refused(lambda: complete(c, "plain", [5, 6], 2), 503, "shutting down")
+    server.stop()
+
+
+# -- load -------------------------------------------------------------------------------------------
+
+
+def test_concurrent_clients_with_adapters_changing(served):
+    """8 clients x 50 requests, streamed and not, over the base, alpha and a third adapter that is
+    beta until gamma is loaded midway and beta unloaded: no errors, every greedy result equal to
+    the same request alone, and the run ends by itself."""
+    engine, url = served.engine, served.url
+    clients, per_client, switch_after = 8, 50, 150
+    rng = random.Random(random.randrange(1 << 30))
+    cases = [(random_ids(rng.randint(2, 24), rng.randrange(1 << 30)), rng.randint(2, 12), slot)
+             for slot in ("none", "alpha", "swap") for _ in range(8)]
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": str(served.adapters["beta"][0])}, timeout=60)
+    assert r.status_code == 200
+    names = {"none": None, "alpha": "alpha"}
+    expected = {(i, a): alone(engine, p, a, greedy(m)) for i, (p, m, slot) in enumerate(cases)
+                for a in ([names[slot]] if slot in names else ["beta"])}
+
+    lock = threading.Lock()
+    state = {"phase": 1, "done": 0, "beta_pending": 0}
+    results, errors = [], []
+
+    def client_loop(k: int):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        local = random.Random(k)
+        for j in range(per_client):
+            i = local.randrange(len(cases))
+            prompt, max_tokens, slot = cases[i]
+            with lock:
+                adapter = names[slot] if slot in names else ("beta" if state["phase"] == 1 else "gamma")
+                state["beta_pending"] += adapter == "beta"
+            model = {None: "tiny", "alpha": "tiny:alpha" if j % 3 == 0 else "alpha"}.get(adapter, adapter)
+            try:
+                if j % 2:
+                    chunks = list(complete(c, model, prompt, max_tokens, stream=True))
+                    got = tuple(t for ch in chunks for t in ch.choices[0].token_ids)
+                else:
+                    got = tuple(complete(c, model, prompt, max_tokens).choices[0].token_ids)
+                with lock:
+                    results.append((i, adapter, got))
+            except Exception as e:  # noqa: BLE001: every failure is reported below
+                with lock:
+                    errors.append(f"{model}: {type(e).__name__}: {e}")
+            with lock:
+                state["done"] += 1
+                state["beta_pending"] -= adapter == "beta"
+
+    def switch():
+        wait_for(lambda: state["done"] >= switch_after, timeout=120, what="the midpoint")
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(served.adapters["gamma"][0])}, timeout=60)
+        with lock:
+            state["phase"] = 2
+        wait_for(lambda: state["beta_pending"] == 0, timeout=60, what="beta's last request")
+        u = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "beta"}, timeout=60)
+        with lock:
+            state["switch"] = (r.status_code, u.status_code, state["done"])
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(clients)] + [threading.Thread(target=switch)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "the load test did not end by itself"
+    assert errors == []
+    assert state["switch"][:2] == (200, 200) and state["switch"][2] < clients * per_client, state["switch"]
+    assert len(results) == clients * per_client
+    assert {a for _, a, _ in results} == {None, "alpha", "beta", "gamma"}
+    for i, a, _ in results:
+        if a == "gamma" and (i, a) not in expected:
+            expected[(i, a)] = alone(engine, cases[i][0], "gamma", greedy(cases[i][1]))
+    wrong = [(i, a) for i, a, got in results if got != expected[(i, a)]]
+    assert wrong == [], f"{len(wrong)} results differ from the request alone"
+    assert engine.stats().running == 0 and engine.stats().kv_slots_used == 0
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "gamma"}, timeout=60)
+    assert r.status_code == 200 and engine.adapter_names == ["alpha"]
+    print(f"load test: {clients * per_client} requests in {time.monotonic() - start:.1f} s")
+
+
+# -- metrics, stopping ------------------------------------------------------------------------------
+
+
+def test_metrics_count_each_adapter(served):
+    with Server(served.engine, ServeConfig(port=0, served_model_name="tiny")) as server:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        lengths = [(3, 4), (5, 2), (2, 7)]
+        for n, m in lengths:
+            complete(c, "alpha", random_ids(n, seed=n), m)
+        list(complete(c, "tiny", random_ids(4, seed=9), 3, stream=True))
+        refused(lambda: complete(c, "nope", [5], 1), 404, "does not exist")
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert metric(text, "expertlora_requests_total", adapter="alpha", finish_reason="length") == 3
+    assert metric(text, "expertlora_requests_total", adapter="none", finish_reason="length") == 1
+    assert metric(text, "expertlora_prompt_tokens_total", adapter="alpha") == sum(n for n, _ in lengths)
+    assert metric(text, "expertlora_generation_tokens_total", adapter="alpha") == sum(m for _, m in lengths)
+    assert metric(text, "expertlora_time_to_first_token_seconds_count", adapter="alpha") == 3
+    assert metric(text, "expertlora_inter_token_latency_seconds_count", adapter="alpha") == sum(m - 1 for _, m in lengths)
+    assert metric(text, "expertlora_request_latency_seconds_count", adapter="none") == 1
+    assert metric(text, "expertlora_http_errors_total", status="404") == 1
+    assert metric(text, "expertlora_adapter_loaded", adapter="alpha") == 1 and metric(text, "expertlora_adapters_loaded") == 1
+    assert metric(text, "expertlora_kv_cache_slots") == served.engine.stats().kv_slots
+    for gauge in ("expertlora_requests_running", "expertlora_requests_waiting", "expertlora_kv_cache_usage_ratio"):
+        assert f"\n{gauge} " in text
+
+
+def test_stop_drains_then_aborts(served):
+    engine = served.engine
+    prompt = random_ids(4, seed=random.randrange(1 << 30))
+    body = {"model": "tiny", "prompt": prompt, "temperature": 0, "ignore_eos": True, "stream": True}
+    # 1. a running request finishes within the timeout; meanwhile new requests get 503
+    server = Server(engine, ServeConfig(port=0, served_model_name="tiny")).start()
+    url = server.url
+    with httpx.stream("POST", f"{url}/v1/completions", json=body | {"max_tokens": 400}, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        stopper = threading.Thread(target=server.stop, kwargs={"timeout": 60})
+        stopper.start()
+        wait_for(lambda: server.state.draining, what="draining")
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 503
+        late = httpx.post(f"{url}/v1/completions", json=body | {"max_tokens": 2, "stream": False}, timeout=10)
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"]
+        events = sse_events([first, *lines])
+    stopper.join(30)
+    assert not stopper.is_alive() and events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert sum(len(e["choices"][0]["text"].split()) for e in events[:-1]) == 400
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=2)
+    # 2. with no time left, the running request is aborted and its stream still ends cleanly
+    server = Server(engine, ServeConfig(port=0, served_model_name="tiny")).start()
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body | {"max_tokens": LONG}, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        t0 = time.monotonic()
+        stopper = threading.Thread(target=server.stop, kwargs={"timeout": 0})
+        stopper.start()
+        events = sse_events([first, *lines])
+    stopper.join(30)
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "abort" and time.monotonic() - t0 < 10
+    assert engine.stats().running == 0 and engine.stats().kv_slots_used == 0
+
+
+def test_serve_command_stops_on_sigterm(served):
+    """`expertlora serve` prints its URL when ready, answers, and exits 0 on SIGTERM."""
+    cmd = [sys.executable, "-c", "from expertlora.cli import main; main()", "serve", "--model", str(served.model_dir),
+           "--adapter", f"alpha={served.adapters['alpha'][0]}", "--method", "fp32", "--port", "0", "--threads", "1",
+           "--max-model-len", "256", "--served-model-name", "tiny-cli", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert found, (line, proc.stderr.read() if proc.poll() is not None else "")
+        c = openai.OpenAI(base_url=f"{found.group(0)}/v1", api_key="x", max_retries=0, timeout=60)
+        prompt = random_ids(5, seed=random.randrange(1 << 30))
+        got = complete(c, "tiny-cli:alpha", prompt, 6).choices[0].token_ids
+        assert tuple(got) == alone(served.engine, prompt, "alpha", greedy(6))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
