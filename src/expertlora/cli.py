@@ -248,6 +248,52 @@ def profile(
                   f"{least:.1%} (even: {1 / stats.num_experts:.1%})", highlight=False)
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option("--model", "--model-path", help="Hugging Face checkpoint directory of a MoE model.")],
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "--kt-moe-lora-path", help="[NAME=]PATH of an adapter loaded at start (any format inspect reads); repeat for several.")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The `model` value that selects the base (default: the model folder's name); `NAME:ADAPTER` selects an adapter too.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default; 0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one; the URL is printed when ready).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="EXPERTLORA_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 routes (or set EXPERTLORA_API_KEY).")] = None,
+    adapter_dir: Annotated[Optional[list[Path]], typer.Option("--adapter-dir", help="A folder runtime loads (/v1/load_lora_adapter) may read from; repeat for several. Without one, runtime loads are allowed only on a loopback-only server.")] = None,
+    method: Annotated[str, typer.Option("--method", "--kt-moe-sft-method", "--kt-method", help="Expert storage: fp32, bf16, int8 or int4 (AMXBF16_SFT / AMXINT8_SFT / AMXINT4_SFT).")] = "bf16",
+    dtype: Annotated[str, typer.Option("--dtype", help="Non-expert layers: auto (fp32 with --method fp32, else bf16), bf16 or fp32.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", "--kt-cpuinfer", help="CPU threads for the experts (default: all cores; one fewer with --device cuda).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="cpu (ours) or kt (kt-kernel's SFT MoE, installed separately).")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="cpu, or cuda: the non-expert layers and --gpu-experts of each layer's experts on the GPU.")] = "cpu",
+    gpu_experts: Annotated[Optional[int], typer.Option("--gpu-experts", "--kt-num-gpu-experts", help="Experts per MoE layer kept on the GPU (with --device cuda).")] = None,
+    gpu_ratio: Annotated[Optional[float], typer.Option("--gpu-experts-ratio", help="Share of each layer's experts kept on the GPU, 0 to 1 (instead of --gpu-experts).")] = None,
+    placement: Annotated[str, typer.Option("--placement", help="Which experts go to the GPU: prefix, uniform, or a routing stats file from expertlora profile.")] = "prefix",
+    kt_weight_path: Annotated[Optional[Path], typer.Option("--kt-weight-path", help="With --method int8 / int4: the experts from kt-kernel's converted weights in this folder.")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--kt-moe-lora-rank", help="Seed compatibility: must equal the adapters' rank.")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--kt-moe-lora-alpha", help="Seed compatibility: must equal the adapters' alpha.")] = None,
+    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", help="Sequences decoding at once (each holds a KV cache region of --max-model-len tokens).")] = 64,
+    max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", help="Prompt plus generated tokens per request (default: the model's context, at most 4096).")] = None,
+    max_prefill_tokens: Annotated[int, typer.Option("--max-prefill-tokens", help="Prompt tokens per engine step; longer prompts are prefilled in chunks.")] = 1024,
+    kv_cache_memory: Annotated[Optional[int], typer.Option("--kv-cache-memory", help="Bytes for the KV cache (default: a share of free memory).")] = None,
+    max_loaded_adapters: Annotated[int, typer.Option("--max-loaded-adapters", "--max-loras", help="Adapters loaded at once; one more evicts the least recently used idle one.")] = 16,
+    max_queued_requests: Annotated[int, typer.Option("--max-queued-requests", help="Requests waiting beyond the running batch; more get 503 with Retry-After.")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body accepted (413 beyond).")] = 8 << 20,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", help="Seconds running requests get to finish on SIGINT / SIGTERM before they are aborted.")] = 30.0,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level: critical, error, warning, info, debug.")] = "warning",
+    progress: ProgressOpt = True,
+):
+    """Serve the model over HTTP, OpenAI-compatible: /v1/completions, /v1/chat/completions (the `model` field picks the adapter), /v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics."""
+    from .serve.launch import serve as run_server
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, via PEFT
+    code = run_server(
+        model=model, adapters=adapter or [], served_model_name=served_model_name, host=host, port=port, api_key=api_key,
+        adapter_dirs=adapter_dir or [], lora_rank=lora_rank, lora_alpha=lora_alpha, max_body_bytes=max_body_bytes,
+        shutdown_timeout=shutdown_timeout, progress=progress, log_level=log_level, method=method, dtype=dtype, threads=threads,
+        backend=backend, device=device, gpu_experts=gpu_experts, gpu_experts_ratio=gpu_ratio, placement=placement,
+        kt_weight_path=kt_weight_path, max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_prefill_tokens=max_prefill_tokens,
+        kv_cache_memory=kv_cache_memory, max_loaded_adapters=max_loaded_adapters, max_queued_requests=max_queued_requests,
+    )
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app(prog_name="expertlora")
 
