@@ -15,6 +15,10 @@ longer, the worker kept the overlap on the H200 host (BENCHMARKS.md). ``worker=T
 forces either.
 Layers with all experts on one side skip the other. Without a GPU device the same code runs
 with both parts on the CPU (CI checks the split that way).
+
+With GPU prefill on (``gpu_prefill_threshold``, gpu_prefill.py), a forward of at least that many
+tokens runs the CPU experts on the GPU too, their weights copied there layer by layer, and the
+CPU engine sits it out.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ import torch
 from .engine import MoELoRAEngine, available_cores
 from .experts import ExpertWeights
 from .gpu import GpuMoELoRA
+from .gpu_prefill import GpuPrefill
 from .lora import ExpertLoRA
-from .quantize import DEFAULT_GROUP_SIZE
 
 # Batch sizes whose CPU part runs on the worker thread by default. Measured on the H200 host (two
 # sessions): the worker won at 32 tokens (hybrid / slower part 1.03-1.06 against 1.06-1.25 inline),
@@ -54,6 +58,13 @@ class HybridMoE:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts") if worker is not False else None
         self._host: dict[str, torch.Tensor] = {}  # pinned staging buffers, grown as needed
         self._slots_source = self._slots_device = None
+        self.prefill: GpuPrefill | None = None  # set by enable_gpu_prefill
+
+    def enable_gpu_prefill(self, threshold: int) -> None:
+        """From now on, forwards of at least ``threshold`` tokens run every layer's CPU experts on
+        the GPU (gpu_prefill.py). The CPU engine's storage moves into page-locked memory, one
+        layer at a time; raises ValueError when the GPU lacks the memory for two layers."""
+        self.prefill = GpuPrefill(threshold, self.cpu.layers, self.slots, self.gpu.device, self.gpu.dtype)
 
     @classmethod
     def build(
@@ -61,15 +72,17 @@ class HybridMoE:
         layers: Iterable[tuple[int, torch.Tensor, torch.Tensor]],  # (L, gate_up [E, 2I, H], down [E, H, I]), full precision
         masks: dict[int, torch.Tensor],  # L -> [E] bool: on the GPU (a layer without a mask: none)
         method: str = "bf16",
-        group_size: int = DEFAULT_GROUP_SIZE,
+        group_size: int | None = None,  # int4: None chooses per projection (quantize.int4_group_size)
         device: str | torch.device = "cuda",
         threads: int | None = None,
         worker: bool | None = None,
         kernel: str = "auto",
+        gpu_prefill_threshold: int | None = None,
     ) -> HybridMoE:
         """Split each layer as it comes (one layer in memory at full precision): the experts of
         its mask copied to the GPU in bf16 (fp32 for the fp32 method), the others stored in
-        ``method`` for the CPU engine, which holds nothing else."""
+        ``method`` for the CPU engine, which holds nothing else. ``gpu_prefill_threshold``
+        (None / 0: off): see enable_gpu_prefill."""
         gpu = GpuMoELoRA(device, torch.float32 if method == "fp32" else torch.bfloat16)
         cpu_layers, cpu_experts, E = {}, {}, None
         for L, gate_up, down in layers:
@@ -84,7 +97,10 @@ class HybridMoE:
         # One core stays free for the thread that drives the GPU.
         cpu = MoELoRAEngine(cpu_layers, threads=threads or max(1, available_cores() - 1), kernel=kernel,
                             experts=cpu_experts, num_experts=E)
-        return cls(cpu, gpu, worker)
+        hybrid = cls(cpu, gpu, worker)
+        if gpu_prefill_threshold:
+            hybrid.enable_gpu_prefill(gpu_prefill_threshold)
+        return hybrid
 
     def prepare_adapter(self, adapter: ExpertLoRA) -> dict:
         return self.cpu.prepare_adapter(adapter)
@@ -116,6 +132,8 @@ class HybridMoE:
     ) -> torch.Tensor:  # [T, H] in x's dtype
         E = self.cpu.slots.shape[0]
         on_gpu = self.gpu.num_resident(layer)
+        if on_gpu < E and self.prefill is not None and self.prefill.runs(x):
+            return self._on_gpu_only(layer, x, topk_ids, topk_weights, token_slots, on_gpu)
         if on_gpu == 0:
             return self._cpu_part(layer, x, topk_ids, topk_weights, token_slots)().to(x.device, non_blocking=True)
         cpu_part = None
@@ -126,6 +144,16 @@ class HybridMoE:
         y = self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device))
         if cpu_part is not None:
             y += cpu_part().to(x.device, non_blocking=True)
+        return y.to(x.dtype)
+
+    def _on_gpu_only(self, layer, x, ids, weights, token_slots, on_gpu: int) -> torch.Tensor:
+        """GPU prefill: the resident experts' part queued first (it runs while the CPU experts'
+        copy lands), then the CPU experts' on the GPU; summed in the same order as above."""
+        slots = self._on_device(token_slots, x.device)
+        if not on_gpu:
+            return self.prefill.forward(layer, x, ids, weights, slots).to(x.dtype)
+        y = self.gpu.forward(layer, x, ids, weights, slots)
+        y += self.prefill.forward(layer, x, ids, weights, slots)
         return y.to(x.dtype)
 
     def _on_device(self, token_slots: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -146,6 +146,7 @@ def load_model(
     device: str = "cpu",
     gpu_masks: dict[int, torch.Tensor] | None = None,
     kt_weight_path: str | Path | None = None,
+    gpu_prefill_threshold: int | None = None,
 ) -> LoadedModel:
     """Build the model of ``model_dir`` with its experts in ``method`` on our engine.
 
@@ -158,7 +159,9 @@ def load_model(
     fp32 for the fp32 method), and the rest run on the CPU engine at the same time (hybrid.py).
     ``kt_weight_path``: with int8 / int4, the experts come from this folder of kt-kernel's
     converted weights (kt_layout.py) instead of the checkpoint; bf16 / fp32 read the checkpoint,
-    as the seed does.
+    as the seed does. ``gpu_prefill_threshold`` (with a GPU device; None / 0: off): forwards of at
+    least this many tokens run the CPU experts on the GPU too, copied there layer by layer
+    (gpu_prefill.py; ``gpu_prefill.default_threshold(method)`` is the measured default).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -175,6 +178,11 @@ def load_model(
         engine = _kt_files_engine(ckpt, method, backend, threads, group_size, wrap, torch.device(device), Path(kt_weight_path))
     else:
         engine = _engine(ckpt, method, backend, threads, group_size, wrap, torch.device(device), gpu_masks)
+    if gpu_prefill_threshold:
+        from .hybrid import HybridMoE
+
+        if isinstance(engine, HybridMoE):  # the engines of a CPU device have no GPU to use
+            engine.enable_gpu_prefill(gpu_prefill_threshold)
 
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
