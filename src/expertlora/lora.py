@@ -18,12 +18,24 @@ from pathlib import Path
 
 import torch
 
+from .errors import AdapterError
+from .jsonfile import Fields
+from .model_config import MAX_EXPERTS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS
+
 PROJECTIONS = ("gate", "up", "down")
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     """PEFT's scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+# Bounds on what a file may claim: far above any real adapter, low enough that nothing sized
+# or scaled by them (an allocation, a loop, a product in bf16) is absurd. An alpha is at most
+# a scaling times a rank, so any spec can be written back as PEFT's (r, lora_alpha).
+MAX_RANK = 1 << 16
+MAX_SCALING = 1e4
+MAX_ALPHA = MAX_SCALING * MAX_RANK
 
 
 @dataclass(frozen=True)
@@ -34,12 +46,38 @@ class LoRASpec:
     alpha: float
     scaling: float
 
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"LoRA rank must be an integer from 1 to {MAX_RANK}, not {self.rank!r}")
+        for name, bound in (("alpha", MAX_ALPHA), ("scaling", MAX_SCALING)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= bound:
+                raise ValueError(f"LoRA {name} must be a positive finite number up to {bound:g}, not {value!r}")
+
     def to_json(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "scaling": self.scaling}
 
     @classmethod
-    def from_json(cls, d: dict) -> "LoRASpec":
-        return cls(int(d["rank"]), float(d["alpha"]), float(d["scaling"]))
+    def from_json(cls, d: object, path: str | Path = "adapter", key: str = "spec") -> "LoRASpec":
+        """``{"rank", "alpha", "scaling"}`` from a file, each checked (an AdapterError names ``key``)."""
+        if not isinstance(d, dict):
+            raise AdapterError(path, key, '{"rank", "alpha", "scaling"}', type(d).__name__)
+        f = Fields(d, path, key + ".")
+        return cls(
+            f.integer("rank", hi=MAX_RANK),
+            f.number("alpha", hi=MAX_ALPHA),
+            f.number("scaling", hi=MAX_SCALING),
+        )
+
+    @classmethod
+    def of(cls, rank: int, alpha: float, use_rslora: bool, path: str | Path, key: str | None) -> "LoRASpec":
+        """The spec PEFT applies for ``rank`` and ``alpha`` (already checked), refused with an
+        AdapterError naming ``key`` when the resulting scaling is out of bounds."""
+        scaling = lora_scaling(rank, alpha, use_rslora)
+        if not 0 < scaling <= MAX_SCALING:
+            raise AdapterError(path, key, f"a scaling (alpha / {'sqrt(r)' if use_rslora else 'r'}) up to {MAX_SCALING:g}",
+                               f"{alpha:g} / {'sqrt(%d)' % rank if use_rslora else rank} = {scaling:g}")
+        return cls(rank, float(alpha), scaling)
 
 
 @dataclass
@@ -97,6 +135,18 @@ class AdapterInfo:
     orientation: str | None = None  # "new" / "old" for PEFT fused adapters
     expert_naming: str | None = None  # "mlp" or "block_sparse_moe" when the source says
     base_model: str | None = None
+
+    def __post_init__(self):
+        for key, value, hi in (
+            ("num_experts", self.num_experts, MAX_EXPERTS),
+            ("hidden_size", self.hidden_size, MAX_HIDDEN),
+            ("intermediate_size", self.intermediate_size, MAX_INTERMEDIATE),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+                raise AdapterError(self.path, key, f"an integer from 1 to {hi} (from the adapter's shapes)", repr(value))
+        for layer in self.layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < MAX_LAYERS:
+                raise AdapterError(self.path, f"layers.{layer}", f"a layer id below {MAX_LAYERS}", repr(layer))
 
     def expert_shapes(self, layer: int, proj: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Canonical (a, b) shapes of one projection."""

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AdapterError
+from .jsonfile import Fields, check_int, describe, read_json_object
 
 # config.json key names, first present wins: format knowledge as data.
 _NUM_EXPERTS_KEYS = ("num_experts", "n_routed_experts", "num_local_experts")
 _INTERMEDIATE_KEYS = ("moe_intermediate_size", "intermediate_size")
 # Families whose per-expert checkpoints (transformers 4.x) name experts block_sparse_moe.experts.E.w1/w3/w2.
 _BLOCK_SPARSE_MOE_TYPES = ("mixtral",)
+# Bounds on what a config.json may claim: far above any released model, low enough that a loop
+# or an allocation sized by them stays sane (the tensors themselves are checked against them).
+MAX_LAYERS = 1 << 12
+MAX_EXPERTS = 1 << 14
+MAX_HIDDEN = 1 << 17
+MAX_INTERMEDIATE = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -26,10 +32,24 @@ class MoEConfig:
     intermediate_size: int
     moe_layers: tuple[int, ...]
     path: Path | None = None
+    quant_method: str | None = None  # quantization_config.quant_method, when the checkpoint is quantized
 
     def __post_init__(self):
-        if min(self.num_layers, self.num_experts, self.hidden_size, self.intermediate_size) <= 0:
-            raise ValueError(f"invalid MoE config: {self}")
+        where = self.path or "config.json"
+        for key, value, hi in (
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("num_experts", self.num_experts, MAX_EXPERTS),
+            ("hidden_size", self.hidden_size, MAX_HIDDEN),
+            ("moe_intermediate_size", self.intermediate_size, MAX_INTERMEDIATE),
+        ):
+            check_int(value, 1, hi, lambda: AdapterError(where, key, f"an integer from 1 to {hi}", describe(value)))
+        if not isinstance(self.model_type, str):
+            raise AdapterError(where, "model_type", "a string", describe(self.model_type))
+        layers = self.moe_layers
+        if not isinstance(layers, tuple) or list(layers) != sorted(set(layers)) or not all(
+            isinstance(L, int) and 0 <= L < self.num_layers for L in layers
+        ):
+            raise AdapterError(where, "moe_layers", f"distinct increasing layer ids below {self.num_layers}", describe(list(layers)))
 
     @property
     def expert_naming(self) -> str:
@@ -37,24 +57,28 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict, path: Path | None = None) -> "MoEConfig":
-        where = path or "config"
-        cfg = {**cfg.get("text_config", {}), **cfg} if "text_config" in cfg else cfg
-        num_experts = next((cfg[k] for k in _NUM_EXPERTS_KEYS if cfg.get(k)), None)
-        if not num_experts:
+        """The MoE shape of a config.json's contents, every field checked for type and range."""
+        where = path or "config.json"
+        top = Fields(cfg, where)
+        if top.has("text_config"):  # multimodal configs: the language model's sizes
+            cfg = {**top.mapping("text_config"), **cfg}
+        f = Fields(cfg, where)
+        num_experts = _first(f, _NUM_EXPERTS_KEYS, MAX_EXPERTS)
+        if num_experts is None:
             raise AdapterError(where, "num_experts", f"a MoE config with one of {list(_NUM_EXPERTS_KEYS)}", "none")
-        inter = next((cfg[k] for k in _INTERMEDIATE_KEYS if cfg.get(k)), None)
-        for key, value in (("hidden_size", cfg.get("hidden_size")), ("num_hidden_layers", cfg.get("num_hidden_layers")), ("moe_intermediate_size", inter)):
-            if not isinstance(value, int) or value <= 0:
-                raise AdapterError(where, key, "a positive integer", repr(value))
-        n = cfg["num_hidden_layers"]
+        intermediate = _first(f, _INTERMEDIATE_KEYS, MAX_INTERMEDIATE)
+        if intermediate is None:
+            raise AdapterError(where, "moe_intermediate_size", f"an integer from 1 to {MAX_INTERMEDIATE}", "missing")
+        n = f.integer("num_hidden_layers", hi=MAX_LAYERS)
         return cls(
-            model_type=str(cfg.get("model_type", "")),
+            model_type=f.string("model_type", "", max_len=256),
             num_layers=n,
-            num_experts=int(num_experts),
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=int(inter),
-            moe_layers=tuple(L for L in range(n) if _is_moe_layer(cfg, L)),
+            num_experts=num_experts,
+            hidden_size=f.integer("hidden_size", hi=MAX_HIDDEN),
+            intermediate_size=intermediate,
+            moe_layers=_moe_layers(f, n),
             path=path,
+            quant_method=_quant_method(f),
         )
 
     @classmethod
@@ -65,20 +89,37 @@ class MoEConfig:
             path = path / "config.json"
         if not path.is_file():
             raise AdapterError(path, None, "a Hugging Face config.json", "no such file")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise AdapterError(path, None, "valid JSON", f"{e.msg} at line {e.lineno}") from None
-        return cls.from_dict(cfg, path)
+        return cls.from_dict(read_json_object(path), path)
 
 
-def _is_moe_layer(cfg: dict, layer: int) -> bool:
+def _first(f: Fields, keys: tuple[str, ...], hi: int) -> int | None:
+    """The first of ``keys`` set to a non-zero value (0 / null mean "not this one"), checked."""
+    for key in keys:
+        value = f.data.get(key)
+        if value is None or (value == 0 and not isinstance(value, bool)):
+            continue
+        return f.integer(key, hi=hi)
+    return None
+
+
+def _moe_layers(f: Fields, n: int) -> tuple[int, ...]:
     # DeepSeek V2/V3: dense until first_k_dense_replace, then every moe_layer_freq-th layer.
-    if "first_k_dense_replace" in cfg:
-        freq = cfg.get("moe_layer_freq") or 1
-        return layer >= cfg["first_k_dense_replace"] and layer % freq == 0
+    if "first_k_dense_replace" in f.data:
+        first = f.integer("first_k_dense_replace", 0, lo=0, hi=MAX_LAYERS)
+        freq = f.integer("moe_layer_freq", 1, hi=MAX_LAYERS)
+        return tuple(L for L in range(n) if L >= first and L % freq == 0)
     # Qwen2/Qwen3-MoE: mlp_only_layers are dense; otherwise every decoder_sparse_step-th layer.
-    if layer in (cfg.get("mlp_only_layers") or []):
-        return False
-    step = cfg.get("decoder_sparse_step") or 1
-    return (layer + 1) % step == 0
+    dense = f.data.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(L, int) and not isinstance(L, bool) and 0 <= L < MAX_LAYERS for L in dense):
+        raise f.error("mlp_only_layers", f"a list of layer ids below {MAX_LAYERS}", dense)
+    step = f.integer("decoder_sparse_step", 1, hi=MAX_LAYERS)
+    dense = set(dense)
+    return tuple(L for L in range(n) if L not in dense and (L + 1) % step == 0)
+
+
+def _quant_method(f: Fields) -> str | None:
+    if not f.has("quantization_config"):
+        return None
+    quant = f.mapping("quantization_config")
+    method = quant.get("quant_method")
+    return method[:64] if isinstance(method, str) and method else "unknown"

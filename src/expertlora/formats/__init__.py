@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-
 from ..errors import AdapterError
 from ..lora import ExpertLoRA
 from ..model_config import MoEConfig
-from .base import AdapterReader
+from .base import AdapterReader, read_header
 from .canonical import FORMAT_TAG, KT_FILE_NAME, StackedReader, is_stacked_key
 from .peft import WEIGHTS_NAME, open_peft
 from .seed_pt import SeedPtReader
@@ -60,11 +58,8 @@ def _open(path: Path, base: MoEConfig | None, orientation: str, lora_alpha: floa
         return SeedPtReader(path)
     if path.suffix == ".bin":
         raise AdapterError(path, None, "safetensors or a seed .pt file (pickle .bin files are never loaded)", "a .bin file")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta, keys = f.metadata() or {}, list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise AdapterError(path, None, "a safetensors file", str(e).splitlines()[0][:200]) from None
+    meta, header = read_header(path)
+    keys = list(header)
     stacked = [k for k in keys if is_stacked_key(k)]
     if meta.get("format") == FORMAT_TAG or (stacked and len(stacked) == len(keys)):
         return StackedReader(path, lora_alpha)

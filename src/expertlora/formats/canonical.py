@@ -16,16 +16,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from ..errors import AdapterError, shape_str
-from ..lora import PROJECTIONS, AdapterInfo, LayerLoRA, LoRASpec, ModuleLoRA, ProjLoRA
+from ..jsonfile import check_number, describe, number_text, parse_json
+from ..lora import MAX_ALPHA, PROJECTIONS, AdapterInfo, LayerLoRA, LoRASpec, ModuleLoRA, ProjLoRA
+from ..model_config import MAX_EXPERTS, MAX_HIDDEN, MAX_INTERMEDIATE, MAX_LAYERS
 from ..peft_config import PeftLoraConfig
-from .base import SAFETENSORS_DTYPES, AdapterReader, check_finite, check_shape
+from .base import SAFETENSORS_DTYPES, AdapterReader, check_dtypes, check_shape, duplicate, open_safetensors, parse_index, read_header, read_tensor
 
 FORMAT_TAG = "expertlora/1"
 KT_FILE_NAME = "fused_expert_lora.safetensors"
-_KEY = re.compile(r"^layers\.(?P<layer>\d+)\.experts\.(?P<proj>gate|up|down)_lora_(?P<ab>[ab])$")
+_KEY = re.compile(r"^layers\.(?P<layer>[0-9]+)\.experts\.(?P<proj>gate|up|down)_lora_(?P<ab>[ab])$")
+_META_CHOICES = {"use_rslora": ("true", "false"), "orientation": ("new", "old"), "expert_naming": ("mlp", "block_sparse_moe")}
 
 
 def tensor_key(layer: int, proj: str, ab: str) -> str:
@@ -41,68 +42,82 @@ class StackedReader(AdapterReader):
 
     def __init__(self, path: Path, lora_alpha: float | None = None):
         self.path = path
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        meta, header = read_header(path)
+        self.keys: dict[tuple[int, str, str], str] = {}  # (layer, proj, a|b) -> the file's key
         found: dict[int, dict[str, set[str]]] = {}
-        for key in shapes:
+        for key in header:
             m = _KEY.match(key)
             if not m:
                 raise AdapterError(path, key, "layers.L.experts.{gate,up,down}_lora_{a,b}", "another key")
-            found.setdefault(int(m["layer"]), {}).setdefault(m["proj"], set()).add(m["ab"])
+            slot = (parse_index(path, key, m["layer"], "layer", MAX_LAYERS), m["proj"], m["ab"])
+            if slot in self.keys:  # layers.01 beside layers.1
+                raise duplicate(path, key, self.keys[slot])
+            self.keys[slot] = key
+            found.setdefault(slot[0], {}).setdefault(slot[1], set()).add(slot[2])
         if not found:
             raise AdapterError(path, None, "expert LoRA tensors", "an empty file")
-        if len(dtypes) > 1 or not dtypes <= SAFETENSORS_DTYPES.keys():
-            raise AdapterError(path, None, f"one float dtype of {sorted(SAFETENSORS_DTYPES)}", str(sorted(dtypes)))
+        dtype = check_dtypes(path, {d for d, _ in header.values()})
         for L, projs in found.items():
             for proj, abs_ in projs.items():
                 for ab in "ab":
                     if ab not in abs_:
                         raise AdapterError(path, tensor_key(L, proj, ab), "present (its partner is)", "missing")
+        shapes = {slot: header[key][1] for slot, key in self.keys.items()}
+        for slot, shape in shapes.items():
+            if len(shape) != 3 or min(shape) < 1:
+                raise AdapterError(path, self.keys[slot], "a stacked 3-D tensor [E, r, in] / [E, out, r] with no empty dimension", shape_str(shape))
 
         ours = meta.get("format") == FORMAT_TAG
         if ours:
-            E, H, I = (_meta_int(path, meta, k) for k in ("num_experts", "hidden_size", "intermediate_size"))
-            try:
-                specs = {int(L): {p: LoRASpec.from_json(s) for p, s in projs.items()} for L, projs in json.loads(_meta(path, meta, "layers")).items()}
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise AdapterError(path, "__metadata__.layers", 'JSON {"L": {"gate|up|down": {"rank", "alpha", "scaling"}}}', f"{type(e).__name__}: {e}"[:120]) from None
+            E = _meta_int(path, meta, "num_experts", MAX_EXPERTS)
+            H = _meta_int(path, meta, "hidden_size", MAX_HIDDEN)
+            I = _meta_int(path, meta, "intermediate_size", MAX_INTERMEDIATE)
+            specs = _meta_layers(path, _meta(path, meta, "layers"))
+            sizes = {"E": f"__metadata__.num_experts = {E}", "H": f"__metadata__.hidden_size = {H}", "I": f"__metadata__.intermediate_size = {I}"}
         else:
             # KTransformers' file: sizes from the shapes, rank / alpha from the PEFT config beside it.
             L0 = min(found)
             proj0 = next(p for p in PROJECTIONS if p in found[L0])
-            a0, b0 = shapes[tensor_key(L0, proj0, "a")], shapes[tensor_key(L0, proj0, "b")]
-            if len(a0) != 3 or len(b0) != 3:
-                raise AdapterError(path, tensor_key(L0, proj0, "a"), "3-D stacked tensors [E, r, in] / [E, out, r]", f"{shape_str(a0)} / {shape_str(b0)}")
+            a0, b0 = shapes[(L0, proj0, "a")], shapes[(L0, proj0, "b")]
             E = a0[0]
             H, I = (b0[1], a0[2]) if proj0 == "down" else (a0[2], b0[1])
+            first = f"as {tensor_key(L0, proj0, 'a')} / _b"
+            sizes = dict.fromkeys("EHI", first)
             config = _kt_config(path)
+            if config is None and lora_alpha is not None:
+                check_number(lora_alpha, MAX_ALPHA, lambda: AdapterError(path, "--lora-alpha", number_text(MAX_ALPHA), repr(lora_alpha)))
             specs = {}
             for L, projs in found.items():
                 specs[L] = {}
                 for proj in projs:
-                    a_shape = shapes[tensor_key(L, proj, "a")]
-                    if len(a_shape) != 3 or a_shape[1] <= 0:
-                        raise AdapterError(path, tensor_key(L, proj, "a"), "a stacked [E, r, in] tensor with r > 0", shape_str(a_shape))
-                    r = a_shape[1]
-                    spec = config.spec(_kt_module_name(config, L, proj)) if config else None
-                    if spec is None:
-                        if lora_alpha is None:
-                            raise AdapterError(path.parent / "adapter_config.json", None, "the adapter's config (lora_alpha) or --lora-alpha", "no such file")
-                        spec = LoRASpec(r, lora_alpha, lora_alpha / r)
-                    specs[L][proj] = spec
+                    r = shapes[(L, proj, "a")][1]
+                    if config is not None:
+                        specs[L][proj] = config.spec(_kt_module_name(config, L, proj))
+                    elif lora_alpha is None:
+                        raise AdapterError(path.parent / "adapter_config.json", None, "the adapter's config (lora_alpha) or --lora-alpha", "no such file")
+                    else:
+                        specs[L][proj] = LoRASpec.of(r, float(lora_alpha), False, path, "--lora-alpha")
         if {L: set(p) for L, p in specs.items()} != {L: set(p) for L, p in found.items()}:
             raise AdapterError(path, "__metadata__.layers", f"the projections present {_layout(found)}", _layout(specs))
         for L, projs in specs.items():
             for proj, spec in projs.items():
-                in_dim, out_dim = (I, H) if proj == "down" else (H, I)
-                check_shape(path, tensor_key(L, proj, "a"), shapes[tensor_key(L, proj, "a")], (E, spec.rank, in_dim))
-                check_shape(path, tensor_key(L, proj, "b"), shapes[tensor_key(L, proj, "b")], (E, out_dim, spec.rank))
+                in_dim, out_dim = ("I", "H") if proj == "down" else ("H", "I")
+                dims = {"E": E, "H": H, "I": I}
+                if ours:
+                    rank = f"__metadata__.layers says rank {spec.rank}"
+                else:
+                    rank = config.rank_reason(_kt_module_name(config, L, proj)) if config else f"rank {spec.rank} as {self.keys[(L, proj, 'a')]}"
+                for ab, expected, labels in (
+                    ("a", (E, spec.rank, dims[in_dim]), (sizes["E"], rank, sizes[in_dim])),
+                    ("b", (E, dims[out_dim], spec.rank), (sizes["E"], sizes[out_dim], rank)),
+                ):
+                    found_shape = shapes[(L, proj, ab)]
+                    why = next((w for f, x, w in zip(found_shape, expected, labels) if f != x), None)
+                    check_shape(path, self.keys[(L, proj, ab)], found_shape, expected, why)
 
         self.sidecar = None
         if ours and meta.get("non_expert_adapter"):
-            self.sidecar = path.parent / meta["non_expert_adapter"]
+            self.sidecar = path.parent / _plain_name(path, meta["non_expert_adapter"])
         elif not ours and (path.parent / "adapter_model.safetensors").is_file() and (path.parent / "adapter_config.json").is_file():
             self.sidecar = path.parent  # KTransformers keeps the non-expert LoRA as a PEFT adapter beside
         if self.sidecar is not None:
@@ -119,6 +134,9 @@ class StackedReader(AdapterReader):
         else:
             modules = {}
 
+        for key, choices in _META_CHOICES.items():
+            if meta.get(key, choices[0]) not in choices:
+                raise AdapterError(path, f"__metadata__.{key}", " or ".join(choices), repr(meta[key])[:80])
         self.info = AdapterInfo(
             path=path,
             format="expertlora" if ours else "kt",
@@ -127,7 +145,7 @@ class StackedReader(AdapterReader):
             intermediate_size=I,
             layers=dict(sorted(specs.items())),
             modules=modules,
-            dtype=SAFETENSORS_DTYPES[dtypes.pop()],
+            dtype=dtype,
             use_rslora=meta.get("use_rslora") == "true",
             peft_version=meta.get("peft_version") or None,
             orientation=meta.get("orientation") or None,
@@ -137,9 +155,9 @@ class StackedReader(AdapterReader):
 
     def read_layer(self, layer: int) -> LayerLoRA:
         out = LayerLoRA(layer)
-        with safe_open(self.path, framework="pt") as f:
+        with open_safetensors(self.path) as f:
             for proj, spec in self.info.layers[layer].items():
-                a, b = (check_finite(self.path, k, f.get_tensor(k)) for k in (tensor_key(layer, proj, "a"), tensor_key(layer, proj, "b")))
+                a, b = (read_tensor(f, self.path, self.keys[(layer, proj, ab)]) for ab in "ab")
                 setattr(out, proj, ProjLoRA(a, b, spec))
         return out
 
@@ -157,11 +175,40 @@ def _meta(path: Path, meta: dict, key: str) -> str:
     return meta[key]
 
 
-def _meta_int(path: Path, meta: dict, key: str) -> int:
+def _meta_int(path: Path, meta: dict, key: str, hi: int) -> int:
     value = _meta(path, meta, key)
-    if not value.isdigit() or int(value) <= 0:
-        raise AdapterError(path, f"__metadata__.{key}", "a positive integer", repr(value))
+    if not re.fullmatch(r"[1-9][0-9]{0,9}", value) or int(value) > hi:
+        raise AdapterError(path, f"__metadata__.{key}", f"an integer from 1 to {hi}", repr(value)[:80])
     return int(value)
+
+
+def _meta_layers(path: Path, text: str) -> dict[int, dict[str, LoRASpec]]:
+    """``__metadata__.layers``: {"L": {"gate|up|down": {"rank", "alpha", "scaling"}}}, every value checked."""
+    where = "__metadata__.layers"
+    expected = 'JSON {"L": {"gate|up|down": {"rank", "alpha", "scaling"}}}'
+    layers = parse_json(text, path, where)
+    if not isinstance(layers, dict):
+        raise AdapterError(path, where, expected, describe(layers))
+    specs: dict[int, dict[str, LoRASpec]] = {}
+    names: dict[int, str] = {}
+    for name, projs in layers.items():
+        if not re.fullmatch(r"[0-9]+", name):
+            raise AdapterError(path, f"{where}.{name}", f"{expected} with layer numbers as keys", "another key")
+        L = parse_index(path, f"{where}.{name}", name, "layer", MAX_LAYERS)
+        if L in names:  # "01" beside "1"
+            raise duplicate(path, f"{where}.{name}", f"{where}.{names[L]}")
+        names[L] = name
+        if not isinstance(projs, dict) or not set(projs) <= set(PROJECTIONS):
+            raise AdapterError(path, f"{where}.{name}", expected, describe(projs))
+        specs[L] = {p: LoRASpec.from_json(s, path, f"{where}.{name}.{p}") for p, s in projs.items()}
+    return specs
+
+
+def _plain_name(path: Path, name: str) -> str:
+    """A directory name beside the file: never a path that leads elsewhere."""
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or len(name) > 255:
+        raise AdapterError(path, "__metadata__.non_expert_adapter", "a directory name beside the file", repr(name)[:80])
+    return name
 
 
 def _layout(specs: dict) -> str:

@@ -20,22 +20,20 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from ..errors import AdapterError, shape_str
 from ..lora import PROJECTIONS, AdapterInfo, LayerLoRA, LoRASpec, ModuleLoRA, ProjLoRA
-from ..model_config import MoEConfig
+from ..model_config import MAX_EXPERTS, MAX_LAYERS, MoEConfig
 from ..peft_config import PeftLoraConfig
-from .base import SAFETENSORS_DTYPES, AdapterReader, check_finite, check_shape
+from .base import AdapterReader, check_dtypes, check_shape, duplicate, open_safetensors, parse_index, read_header, read_tensor
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 _PER_EXPERT = re.compile(
-    r"^(?P<module>(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>mlp|block_sparse_moe)\.(?:original_moe\.)?"
-    r"experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2))\.lora_(?P<ab>[AB])\.weight$"
+    r"^(?P<module>(?:.*\.)?layers\.(?P<layer>[0-9]+)\.(?P<block>mlp|block_sparse_moe)\.(?:original_moe\.)?"
+    r"experts\.(?P<expert>[0-9]+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2))\.lora_(?P<ab>[AB])\.weight$"
 )
 _FUSED = re.compile(
-    r"^(?P<module>(?:.*\.)?layers\.(?P<layer>\d+)\.mlp\.(?:original_moe\.)?experts)\."
+    r"^(?P<module>(?:.*\.)?layers\.(?P<layer>[0-9]+)\.mlp\.(?:original_moe\.)?experts)\."
     r"(?P<nest>(?:base_layer\.)*)lora_(?P<ab>[AB])\.weight$"
 )
 _LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -53,9 +51,13 @@ _FIRST_NEW_ORIENTATION = "0.19.1"
 
 
 def normalize_key(key: str) -> str:
-    """Strip the PeftModel prefix and a ``.default`` adapter-name segment."""
+    """Strip the PeftModel prefix and a ``.default`` adapter-name segment, and write numbers
+    plainly (``layers.01`` is ``layers.1``), so that two names of one tensor compare equal."""
     key = key.removeprefix("base_model.model.")
-    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+    if ".0" not in key and not key.startswith("0"):
+        return key
+    return ".".join(p.lstrip("0") or "0" if p.isascii() and p.isdigit() else p for p in key.split("."))
 
 
 class _Scan:
@@ -68,33 +70,39 @@ class _Scan:
         self.naming: set[str] = set()
         self.fused: dict[tuple[str, int], dict[tuple[int, str], str]] = defaultdict(dict)  # (module, L) -> (depth, A|B) -> key
         self.linear: dict[str, dict[str, str]] = defaultdict(dict)  # module -> A|B -> key
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        dtypes = set()
-        with safe_open(path, framework="pt") as f:
-            for raw in f.keys():
-                key = normalize_key(raw)
-                sl = f.get_slice(raw)
-                self.shapes[raw] = tuple(sl.get_shape())
-                dtypes.add(sl.get_dtype())
-                if m := _PER_EXPERT.match(key):
-                    L, e, proj = int(m["layer"]), int(m["expert"]), _PROJ[m["proj"]]
-                    self.per_expert[(L, proj, m["ab"])][e] = raw
-                    self.per_expert_module[(L, proj)][e] = m["module"]
-                    self.naming.add(m["block"])
-                elif m := _FUSED.match(key):
-                    depth = m["nest"].count("base_layer.")
-                    self.fused[(m["module"], int(m["layer"]))][(depth, m["ab"])] = raw
-                elif m := _LINEAR.match(key):
-                    self.linear[m["module"]][m["ab"]] = raw
-                else:
-                    raise AdapterError(
-                        path, raw, "a LoRA lora_A / lora_B weight (embedding LoRA, DoRA and modules_to_save are not supported)", "another tensor"
-                    )
+        meta, header = read_header(path)
+        self.shapes: dict[str, tuple[int, ...]] = {k: shape for k, (_, shape) in header.items()}
+        seen: dict[str, str] = {}  # normalized key -> the file's key
+        for raw in header:
+            key = normalize_key(raw)
+            if key in seen:
+                raise duplicate(path, raw, seen[key])
+            seen[key] = raw
+            if m := _PER_EXPERT.match(key):
+                L = parse_index(path, raw, m["layer"], "layer", MAX_LAYERS)
+                e = parse_index(path, raw, m["expert"], "expert", MAX_EXPERTS)
+                slot = self.per_expert[(L, _PROJ[m["proj"]], m["ab"])]
+                if e in slot:  # e.g. original_moe.experts.3 beside experts.3, or w1 beside gate_proj
+                    raise duplicate(path, raw, slot[e])
+                slot[e] = raw
+                self.per_expert_module[(L, _PROJ[m["proj"]])][e] = m["module"]
+                self.naming.add(m["block"])
+            elif m := _FUSED.match(key):
+                L = parse_index(path, raw, m["layer"], "layer", MAX_LAYERS)
+                slot = self.fused[(m["module"], L)]
+                nest = (m["nest"].count("base_layer."), m["ab"])
+                if nest in slot:
+                    raise duplicate(path, raw, slot[nest])
+                slot[nest] = raw
+            elif m := _LINEAR.match(key):
+                self.linear[m["module"]][m["ab"]] = raw
+            else:
+                raise AdapterError(
+                    path, raw, "a LoRA lora_A / lora_B weight (embedding LoRA, DoRA and modules_to_save are not supported)", "another tensor"
+                )
         if not self.shapes:
             raise AdapterError(path, None, "LoRA tensors", "an empty file")
-        if len(dtypes) > 1 or not dtypes <= SAFETENSORS_DTYPES.keys():
-            raise AdapterError(path, None, f"one float dtype of {sorted(SAFETENSORS_DTYPES)}", str(sorted(dtypes)))
-        self.dtype = SAFETENSORS_DTYPES[dtypes.pop()]
+        self.dtype = check_dtypes(path, {dtype for dtype, _ in header.values()})
         if self.per_expert and self.fused:
             raise AdapterError(path, None, "either per-expert or fused expert LoRA", "both")
 
@@ -107,9 +115,12 @@ class _Scan:
                     raise AdapterError(self.path, f"{module}.lora_{ab}.weight", "present (its partner is)", "missing")
             a, b = self.shapes[pair["A"]], self.shapes[pair["B"]]
             spec = config.spec(module)
-            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            if len(a) != 2 or min(a) < 1:
+                raise AdapterError(self.path, pair["A"], "a 2-D LoRA matrix [r, in]", shape_str(a))
+            if a[0] != spec.rank:
+                raise AdapterError(self.path, pair["A"], f"{spec.rank} rows ({config.rank_reason(module)})", f"{a[0]} rows, shape {shape_str(a)}")
+            if len(b) != 2 or b[1] != a[0] or b[0] < 1:
                 raise AdapterError(self.path, pair["B"], f"shape [out, {a[0]}] for A {shape_str(a)}", shape_str(b))
-            check_shape(self.path, pair["A"], (a[0],), (spec.rank,))
             specs[module] = spec
         return specs
 
@@ -138,35 +149,45 @@ class PeftPerExpertReader(AdapterReader):
         if len(scan.naming) > 1:
             raise AdapterError(path, None, "one expert naming", " and ".join(sorted(scan.naming)))
         found_experts = {e for ids in scan.per_expert.values() for e in ids}
+        # E is the base's, or one more than the highest id (below MAX_EXPERTS: parse_index);
+        # every expert below it must be present, so E never exceeds the tensors in the file.
         E = base.num_experts if base else max(found_experts) + 1
-        dims: dict[str, int] = {"H": base.hidden_size, "I": base.intermediate_size} if base else {}
+        counts = f" (the base has {E} experts, the adapter {len(found_experts)})" if base and len(found_experts) != E else ""
+        if base:
+            dims = {"H": base.hidden_size, "I": base.intermediate_size}
+            why = {d: f"{name} in {base.path or 'the base config'}" for d, name in (("H", "hidden_size"), ("I", "moe_intermediate_size"))}
+        else:
+            dims, why = {}, {}
         layers: dict[int, dict[str, LoRASpec]] = defaultdict(dict)
         self.keys: dict[tuple[int, str], tuple[list[str], list[str]]] = {}
         for (L, proj), modules in sorted(scan.per_expert_module.items(), key=lambda kv: (kv[0][0], PROJECTIONS.index(kv[0][1]))):
             a_keys, b_keys = scan.per_expert[(L, proj, "A")], scan.per_expert[(L, proj, "B")]
             for ab, keys in (("A", a_keys), ("B", b_keys)):
-                missing = sorted(set(range(E)) - set(keys))
-                if missing:
-                    known = next(iter(modules.items()))  # a present expert's module name, renumbered
-                    where = modules.get(missing[0]) or known[1].replace(f".experts.{known[0]}.", f".experts.{missing[0]}.")
-                    raise AdapterError(path, f"{where}.lora_{ab}.weight", f"all {E} experts of layer {L} {proj}", "missing")
-                extra = sorted(set(keys) - set(range(E)))
+                extra = sorted(e for e in keys if e >= E)
                 if extra:
-                    raise AdapterError(path, keys[extra[0]], f"expert ids below {E}", str(extra[0]))
+                    raise AdapterError(path, keys[extra[0]], f"expert ids below {E}{counts}", str(extra[0]))
+                if len(keys) < E:
+                    first_missing = next(e for e in range(E) if e not in keys)
+                    known = next(iter(modules.items()))  # a present expert's module name, renumbered
+                    where = modules.get(first_missing) or known[1].replace(f".experts.{known[0]}.", f".experts.{first_missing}.")
+                    raise AdapterError(path, f"{where}.lora_{ab}.weight", f"all {E} experts of layer {L} {proj}{counts}", "missing")
             specs = {config.spec(modules[e]) for e in range(E)}
             if len(specs) > 1:
                 raise AdapterError(path, modules[0], f"one rank and alpha for every expert of layer {L} {proj}", str(sorted(specs, key=str)))
             spec = specs.pop()
             in_dim, out_dim = ("I", "H") if proj == "down" else ("H", "I")
-            a0, b0 = scan.shapes[a_keys[0]], scan.shapes[b_keys[0]]
-            for key, shape in ((a_keys[0], a0), (b_keys[0], b0)):
-                if len(shape) != 2:
-                    raise AdapterError(path, key, "a 2-D LoRA matrix", shape_str(shape))
-            dims.setdefault(in_dim, a0[1])
-            dims.setdefault(out_dim, b0[0])
             for e in range(E):
-                check_shape(path, a_keys[e], scan.shapes[a_keys[e]], (spec.rank, dims[in_dim]))
-                check_shape(path, b_keys[e], scan.shapes[b_keys[e]], (dims[out_dim], spec.rank))
+                a, b = scan.shapes[a_keys[e]], scan.shapes[b_keys[e]]
+                for key, shape in ((a_keys[e], a), (b_keys[e], b)):
+                    if len(shape) != 2 or min(shape) < 1:
+                        raise AdapterError(path, key, "a 2-D LoRA matrix", shape_str(shape))
+                dims.setdefault(in_dim, a[1])
+                dims.setdefault(out_dim, b[0])
+                why.setdefault(in_dim, f"as {a_keys[e]}")
+                why.setdefault(out_dim, f"as {b_keys[e]}")
+                rank_why = config.rank_reason(modules[e]) if (a[0], b[1]) != (spec.rank, spec.rank) else ""
+                check_shape(path, a_keys[e], a, (spec.rank, dims[in_dim]), rank_why if a[0] != spec.rank else why[in_dim])
+                check_shape(path, b_keys[e], b, (dims[out_dim], spec.rank), rank_why if b[1] != spec.rank else why[out_dim])
             layers[L][proj] = spec
             self.keys[(L, proj)] = ([a_keys[e] for e in range(E)], [b_keys[e] for e in range(E)])
         self.config = config
@@ -188,13 +209,14 @@ class PeftPerExpertReader(AdapterReader):
     def read_layer(self, layer: int) -> LayerLoRA:
         out = LayerLoRA(layer)
         # One open per layer: the file's mmap is released after, so RSS stays near one layer.
-        with safe_open(self.scan.path, framework="pt") as f:
+        with open_safetensors(self.scan.path) as f:
             for proj, spec in self.info.layers[layer].items():
+                # sized by shapes checked on opening against tensors present in the file
                 a_shape, b_shape = self.info.expert_shapes(layer, proj)
                 a, b = torch.empty(a_shape, dtype=self.info.dtype), torch.empty(b_shape, dtype=self.info.dtype)
                 for stacked, keys in zip((a, b), self.keys[(layer, proj)]):
                     for e, key in enumerate(keys):  # copied into place: no second copy of the layer
-                        stacked[e] = check_finite(self.info.path, key, f.get_tensor(key))
+                        stacked[e] = read_tensor(f, self.info.path, key)
                 setattr(out, proj, ProjLoRA(a, b, spec))
         return out
 
@@ -204,19 +226,17 @@ class PeftPerExpertReader(AdapterReader):
 
 def _read_linear(scan: _Scan, info: AdapterInfo) -> dict[str, ModuleLoRA]:
     out = {}
-    with safe_open(scan.path, framework="pt") as f:
+    with open_safetensors(scan.path) as f:
         for module, spec in info.modules.items():
             a_key, b_key = scan.linear[module]["A"], scan.linear[module]["B"]
-            a = check_finite(scan.path, a_key, f.get_tensor(a_key))
-            b = check_finite(scan.path, b_key, f.get_tensor(b_key))
-            out[module] = ModuleLoRA(a, b, spec)
+            out[module] = ModuleLoRA(read_tensor(f, scan.path, a_key), read_tensor(f, scan.path, b_key), spec)
     return out
 
 
 class PeftFusedReader(AdapterReader):
     def __init__(self, scan: _Scan, config: PeftLoraConfig, base: MoEConfig | None, orientation: str):
         self.scan, path = scan, scan.path
-        if base is None and config.base_model and (Path(config.base_model) / "config.json").is_file():
+        if base is None and config.base_model and _is_local_model(config.base_model):
             base = MoEConfig.from_model_dir(config.base_model)
         if base is None:
             raise AdapterError(path, None, "the base model's config to know num_experts of a fused adapter (pass --base MODEL_DIR)", None)
@@ -224,6 +244,11 @@ class PeftFusedReader(AdapterReader):
         # (layer) -> param -> (A key, B key); and the raw observations for the orientation decision.
         self.params: dict[int, dict[str, tuple[str, str, str]]] = {}
         observations = []
+        modules_of: dict[int, str] = {}
+        for module, L in scan.fused:  # e.g. mlp.original_moe.experts beside mlp.experts
+            if L in modules_of:
+                raise AdapterError(path, f"{module}.lora_A.weight", f"one expert LoRA per layer (layer {L})", f"also {modules_of[L]}")
+            modules_of[L] = module
         for (module, L), keys in sorted(scan.fused.items(), key=lambda kv: kv[0][1]):
             targeted = [p for p in _FUSED_PARAMS if _targets(config, f"{module}.{p}")]
             depths = sorted({d for d, _ in keys})
@@ -239,12 +264,14 @@ class PeftFusedReader(AdapterReader):
                         raise AdapterError(path, f"{module}.{'base_layer.' * depth}lora_{ab}.weight", "present (its partner is)", "missing")
                 a_key, b_key = keys[(depth, "A")], keys[(depth, "B")]
                 a, b = scan.shapes[a_key], scan.shapes[b_key]
-                if len(a) != 2 or a[0] % E:
-                    raise AdapterError(path, a_key, f"shape [{E}·r, in] (E = {E})", shape_str(a))
-                if len(b) != 2 or b[1] != a[0]:
+                if len(a) != 2 or min(a) < 1 or a[0] % E:
+                    raise AdapterError(path, a_key, f"shape [{E}·r, in] ({E} experts in {base.path or 'the base config'})", shape_str(a))
+                if len(b) != 2 or b[1] != a[0] or b[0] < 1:
                     raise AdapterError(path, b_key, f"shape [out, {a[0]}]", shape_str(b))
                 spec = config.spec(f"{module}.{param}")
-                check_shape(path, a_key, (a[0] // E,), (spec.rank,))
+                if a[0] != E * spec.rank:
+                    raise AdapterError(path, a_key, f"{E * spec.rank} rows, {spec.rank} per expert ({config.rank_reason(f'{module}.{param}')}, {E} experts)",
+                                       f"{a[0]} rows, {a[0] // E} per expert")
                 self.params[L][param] = (a_key, b_key, spec)
                 observations.append((param, a_key, a, b))
         self.orientation = _decide_orientation(path, config, observations, base, orientation)
@@ -273,10 +300,10 @@ class PeftFusedReader(AdapterReader):
     def read_layer(self, layer: int) -> LayerLoRA:
         E, I = self.info.num_experts, self.info.intermediate_size
         out = LayerLoRA(layer)
-        with safe_open(self.scan.path, framework="pt") as f:
+        with open_safetensors(self.scan.path) as f:
             for param, (a_key, b_key, spec) in self.params[layer].items():
-                A = check_finite(self.info.path, a_key, f.get_tensor(a_key))  # [E·r, in]
-                B = check_finite(self.info.path, b_key, f.get_tensor(b_key))  # [out, E·r]
+                A = read_tensor(f, self.info.path, a_key)  # [E·r, in]
+                B = read_tensor(f, self.info.path, b_key)  # [out, E·r]
                 r = spec.rank
                 if self.orientation == "new":
                     a = A.view(E, r, A.shape[1])  # [E, r, in]
@@ -294,6 +321,14 @@ class PeftFusedReader(AdapterReader):
 
     def read_modules(self) -> dict[str, ModuleLoRA]:
         return _read_linear(self.scan, self.info)
+
+
+def _is_local_model(name: str) -> bool:
+    """Whether a base_model_name_or_path from the file names a local checkpoint directory."""
+    try:
+        return (Path(name) / "config.json").is_file()
+    except (OSError, ValueError):  # too long for the file system, a NUL byte: a hub name or junk
+        return False
 
 
 def _targets(config: PeftLoraConfig, name: str) -> bool:
