@@ -557,3 +557,15 @@ def test_serve_command_stops_on_sigterm(served):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_readme_serve_example(served, capsys):
+    """The README's Serve example (its ```python serve block), against the live server."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = "\n".join(re.findall(r"```python serve\n(.*?)```", readme, re.S))
+    assert "OpenAI(" in code
+    code = code.replace("http://127.0.0.1:8000", served.url).replace('"my-model:math"', '"tiny:alpha"').replace('model="code"', 'model="alpha"')
+    exec(code, {})
+    assert capsys.readouterr().out.strip()

@@ -1,5 +1,6 @@
 """`expertlora demo`: the main job end to end on a tiny random model, checked against PEFT:
-inspect, convert and export an adapter, then generate with and without it on our engine."""
+inspect, convert and export an adapter, generate with and without it on our engine, then serve
+it over HTTP for a moment (the base and two adapters, one loaded at runtime)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ def _run(work: Path, console: Console) -> bool:
 
     ok = _report_checks(checks, console)
     ok &= _generate(work, base_dir, base, peft_model, console)
+    ok &= _serve(work, base_dir, console)
     console.print(f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t0:.1f} s")
     return ok
 
@@ -137,3 +139,66 @@ def _generate(work: Path, base_dir: Path, base, peft_model, console: Console) ->
     console.print(table)
     return ok
 
+
+
+def _serve(work: Path, base_dir: Path, console: Console) -> bool:
+    """The main job: ``expertlora serve`` on the tiny model for a moment, called over HTTP as the
+    base and as two adapters (the second loaded at runtime), beside the same requests in process."""
+    try:
+        from .serve import ServeConfig, Server
+    except ImportError as e:
+        console.print(f"[bold]5.[/] the server: skipped ({e.name} is missing: pip install 'expertlora[serve]')")
+        return True
+    from . import tiny
+    from .runtime import Engine, EngineConfig, SamplingParams
+
+    try:
+        import openai
+    except ImportError:
+        openai = None
+    console.print(f"[bold]5.[/] expertlora serve on 127.0.0.1 for a moment, called with {'the openai client' if openai else 'urllib (openai is not installed)'}"
+                  "; adapter 'second' loaded at runtime through /v1/load_lora_adapter")
+    tiny.peft_fused_adapter(tiny.tiny_model(FAMILY, seed=0), work / "second", family=FAMILY, r=2, alpha=4.0, seed=5)
+    prompt, steps, served = [5, 17, 33, 2, 40, 61, 7, 12], 16, "tiny"
+    sampling = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    rows, ok = [], True
+    with Engine(EngineConfig(base_dir, method="fp32", adapters={"demo": work / "adapter.safetensors"}, max_model_len=64,
+                             max_num_seqs=4, kv_cache_memory=16 << 20)) as engine:
+        with Server(engine, ServeConfig(port=0, served_model_name=served)) as server:
+            _post(f"{server.url}/v1/load_lora_adapter", {"lora_name": "second", "lora_path": str(work / "second")})
+            for model, adapter in ((served, None), ("demo", "demo"), (f"{served}:second", "second")):
+                start = time.perf_counter()
+                http = _complete(openai, server.url, model, prompt, steps)
+                elapsed = time.perf_counter() - start
+                local = list(engine.generate([prompt], [adapter], [sampling])[0].token_ids)
+                ok &= http == local
+                rows.append((model, " ".join(map(str, http[:6])) + " …", " ".join(map(str, local[:6])) + " …",
+                             "[green]yes[/]" if http == local else "[red]NO[/]", f"{elapsed * 1000:.0f}"))
+            url = server.url
+    table = Table(title=f"greedy, {steps} tokens: POST {url}/v1/completions beside engine.generate")
+    for column in ("model", "over HTTP", "in process", "same", "ms"):
+        table.add_column(column, justify="right" if column == "ms" else "left")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    console.print("[dim]server stopped; `expertlora serve --model DIR --adapter NAME=PATH` runs it for real (README: Serve)[/dim]")
+    return ok
+
+
+def _complete(openai, url: str, model: str, prompt: list[int], steps: int) -> list[int]:
+    extra = {"return_token_ids": True, "ignore_eos": True}
+    if openai is not None:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="demo", max_retries=0, timeout=60)
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=steps, temperature=0, extra_body=extra)
+        return list(r.choices[0].token_ids)
+    body = {"model": model, "prompt": prompt, "max_tokens": steps, "temperature": 0} | extra
+    return list(_post(f"{url}/v1/completions", body)["choices"][0]["token_ids"])
+
+
+def _post(url: str, body: dict) -> dict:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
