@@ -37,7 +37,7 @@ def test_run_json_matches_peft_greedy(method, model_dir, fused_adapter):
 def test_bad_inputs(tmp_path, model_dir, fused_adapter):
     mixtral, (qwen_adapter, _, _) = model_dir("mixtral"), fused_adapter("qwen3_moe")
     cases = [
-        (("--model", mixtral, "--adapter", qwen_adapter, "--prompt-ids", "1,2"), "lora_A.weight: expected shape"),
+        (("--model", mixtral, "--adapter", qwen_adapter, "--prompt-ids", "1,2"), "lora_A.weight"),  # qwen3's experts against mixtral's sizes
         (("--model", tmp_path / "missing", "--prompt-ids", "1,2"), "config.json"),
         (("--model", mixtral, "--adapter", tmp_path / "missing", "--prompt-ids", "1,2"), "missing"),
         (("--model", mixtral, "--prompt-ids", "1,2", "--method", "int5"), "unknown method 'int5'"),

@@ -1,8 +1,15 @@
-"""The command line: thin wrappers over the library functions."""
+"""The command line: thin wrappers over the library functions.
+
+Bad input (the library's AdapterError / ValueError, and option values click cannot parse) is one
+line on stderr, ``error: ...``, and exit code 2; an operating-system failure (disk full) is one
+line and exit code 1; anything else is a bug, reported on one line with exit code 1 (set
+EXPERTLORA_TRACEBACK=1 to see its traceback).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -12,18 +19,111 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer >= 0.26 carries its own copy of click: its exceptions are that copy's
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as click_errors
 
 from .errors import AdapterError
 
+TRACEBACK_ENV = "EXPERTLORA_TRACEBACK"
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, whatever it holds: terminal escapes dropped, controls escaped."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(text)).strip()
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _fail(message: str, code: int):
+    """Print ``error: message`` as one line on stderr and exit with ``code``."""
+    typer.echo(f"error: {_one_line(message)}", err=True)
+    raise typer.Exit(code)
+
+
+def _internal(where: str, e: BaseException):
+    """Not bad input but a bug: one honest line instead of a traceback (EXPERTLORA_TRACEBACK=1 shows it)."""
+    if os.environ.get(TRACEBACK_ENV):
+        raise e
+    _fail(f"{where}: internal error ({type(e).__name__}: {str(e)[:300]}); this is a bug in expertlora, "
+          f"not a problem with the input: please report it (set {TRACEBACK_ENV}=1 for the traceback)", 1)
+
+
+def _os_error(e: OSError) -> str:
+    where = e.filename if e.filename is not None else None
+    reason = e.strerror or str(e)
+    return f"{where}: {reason}" if where is not None else reason
+
+
+class _Group(TyperGroup):
+    """Click's own errors (an option value it cannot parse, a missing option) as one line too."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as e:  # the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click_errors.ClickException as e:
+            command = e.ctx.command_path if getattr(e, "ctx", None) is not None else "expertlora"
+            typer.echo(f"error: {_one_line(e.format_message())} (see {command} --help)", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        except Exception as e:  # the last resort: never a traceback
+            try:
+                _internal("expertlora", e)
+            except typer.Exit as exit_:
+                sys.exit(exit_.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="expertlora",
-    help="Mixture-of-Experts models with LoRA on their experts: read, check, convert and export adapters.",
+    cls=_Group,
+    help="Mixture-of-Experts models with LoRA on their routed experts, never merged: inspect, convert and export "
+         "adapters (PEFT, KTransformers, canonical, seed .pt); run, profile or serve a checkpoint on the expertlora engine.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _version(value: bool):
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from . import __version__
+
+        try:
+            number = version("expertlora")
+        except PackageNotFoundError:
+            number = __version__
+        typer.echo(f"expertlora {number}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+):
+    pass
+
+
+def _finite_alpha(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"expected a finite number, found {value}")
+    return value
+
 
 BaseOpt = Annotated[
     Optional[Path],
@@ -35,23 +135,34 @@ OrientationOpt = Annotated[
 ]
 AlphaOpt = Annotated[
     Optional[float],
-    typer.Option("--lora-alpha", "--kt-moe-lora-alpha", help="LoRA alpha for a KTransformers file that has no adapter_config.json beside it."),
+    typer.Option("--lora-alpha", "--kt-moe-lora-alpha", callback=_finite_alpha, help="LoRA alpha for a KTransformers file that has no adapter_config.json beside it."),
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Output dtype: keep, bf16 or fp32.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+GroupSizeOpt = Annotated[Optional[int], typer.Option("--group-size", help="int4 only: force one group size (32, 64 or 128) for every projection; it must divide the hidden and intermediate sizes. Default: per projection, the largest of 128 / 64 / 32 dividing its input size, else one group per row.")]
+# The serving engine's limits (run --prompts-file, serve).
+MaxNumSeqsOpt = Annotated[int, typer.Option("--max-num-seqs", help="Sequences decoding at once; each holds a KV cache region of --max-model-len tokens.")]
+MaxModelLenOpt = Annotated[Optional[int], typer.Option("--max-model-len", help="Prompt plus generated tokens per request (default: the model's context, at most 4096).")]
+MaxPrefillTokensOpt = Annotated[int, typer.Option("--max-prefill-tokens", help="Prompt tokens per engine step: longer prompts are prefilled in chunks, so running requests keep decoding.")]
+KvCacheMemoryOpt = Annotated[Optional[int], typer.Option("--kv-cache-memory", help="Bytes for the KV cache (default: half the GPU's free memory, or a quarter of the host's available memory up to 8 GiB).")]
+MaxLoadedAdaptersOpt = Annotated[int, typer.Option("--max-loaded-adapters", "--max-loras", help="Adapters loaded at once; loading one more evicts the least recently used idle one.")]
 
 
 @contextmanager
-def _errors():
-    """Bad input: one line on stderr, exit code 2. Other I/O failures: one line, exit code 1."""
+def _errors(command: str):
+    """The body of ``command``: bad input is one line and exit code 2 (AdapterError, and every
+    ValueError the library raises for a bad value); an OS failure is one line and exit code 1;
+    anything else is reported on one line as a bug (exit code 1), never as a traceback."""
     try:
         yield
-    except AdapterError as e:
-        err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    except (typer.Exit, click_errors.ClickException, typer.Abort, KeyboardInterrupt):
+        raise
+    except ValueError as e:  # AdapterError included
+        _fail(str(e), 2)
     except OSError as e:
-        err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _fail(_os_error(e), 1)
+    except Exception as e:
+        _internal(command, e)
 
 
 def _base(base: Path | None):
@@ -71,16 +182,21 @@ def inspect(
     progress: ProgressOpt = True,
 ):
     """Show what an adapter holds: format, layers, experts, rank / alpha / scaling, non-expert modules."""
+    from .base_modules import check_base_modules
     from .convert import _layers
     from .formats import open_adapter
     from .report import describe, print_report
 
-    with _errors():
-        reader = open_adapter(path, _base(base), orientation, lora_alpha)
+    with _errors("inspect"):
+        config = _base(base)
+        reader = open_adapter(path, config, orientation, lora_alpha)
+        modules = None
         if not quick:
             for _ in _layers(reader, progress and not as_json, f"checking {path.name}"):
                 pass
-            reader.read_modules()
+            modules = reader.read_modules()
+        if config is not None:  # every non-expert module it targets must be a linear layer of the base
+            check_base_modules(reader.info, config, modules)
         report = describe(reader)
     if as_json:
         print(json.dumps(report, indent=2))
@@ -93,7 +209,7 @@ def convert(
     path: Annotated[Path, typer.Argument(help="Adapter in any readable format.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.safetensors, or .pt with --output-format pt).")],
     base: BaseOpt = None,
-    output_format: Annotated[str, typer.Option("--output-format", help="safetensors (canonical, KTransformers-compatible keys) or pt (the seed layout).")] = "safetensors",
+    output_format: Annotated[Optional[str], typer.Option("--output-format", help="safetensors (canonical, KTransformers-compatible keys) or pt (the seed layout). Default: by the output's name (.pt / .pth: pt, else safetensors; .bin is refused).")] = None,
     dtype: DtypeOpt = "keep",
     orientation: OrientationOpt = "auto",
     lora_alpha: AlphaOpt = None,
@@ -106,7 +222,7 @@ def convert(
     """
     from .convert import convert as run, sidecar_path
 
-    with _errors():
+    with _errors("convert"):
         reader = run(path, output, base=_base(base), output_format=output_format, dtype=dtype, orientation=orientation, lora_alpha=lora_alpha, progress=progress)
     info = reader.info
     console.print(f"{info.format} -> {output} ({len(info.layers)} layers, {info.num_experts} experts)", highlight=False)
@@ -128,7 +244,7 @@ def export_peft(
     """Write an adapter as a PEFT adapter directory that PEFT, vLLM or SGLang can load."""
     from .convert import export
 
-    with _errors():
+    with _errors("export-peft"):
         reader = export(path, output, layout=layout, base=_base(base), dtype=dtype, orientation=orientation, lora_alpha=lora_alpha, progress=progress)
     console.print(f"{reader.info.format} -> {output} (PEFT, {layout})", highlight=False)
 
@@ -140,7 +256,7 @@ def demo(
     """Build a tiny random MoE model and PEFT adapter, then inspect, convert, export and check them against PEFT."""
     from .demo import run_demo
 
-    with _errors():
+    with _errors("demo"):
         ok = run_demo(workdir, console)
     raise typer.Exit(0 if ok else 1)
 
@@ -152,14 +268,14 @@ def run(
     use: Annotated[Optional[str], typer.Option("--use", help="The adapter this prompt runs with, by NAME, or none. Default: the first --adapter.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt text (needs a tokenizer in the model directory).")] = None,
     prompt_ids: Annotated[Optional[str], typer.Option("--prompt-ids", help="Prompt as token ids: 1,2,3.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate (at least 1; prompt and new tokens fit in the model's max_position_embeddings).")] = 32,
     method: Annotated[str, typer.Option("--method", "--kt-moe-sft-method", "--kt-method", help="Expert storage: fp32, bf16, int8 or int4 (AMXBF16_SFT / AMXINT8_SFT / AMXINT4_SFT).")] = "bf16",
     dtype: Annotated[str, typer.Option("--dtype", help="Non-expert layers: auto (fp32 with --method fp32, else bf16), bf16 or fp32.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", "--kt-cpuinfer", help="CPU threads for the experts (default: all cores; one fewer with --device cuda).")] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy; above 0 samples.")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens (0: all).")] = 0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1] (default 1: all); needs --temperature > 0.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k likeliest tokens (0, the default: all); needs --temperature > 0.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling; needs --temperature > 0.")] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Generate all --max-new-tokens even past end-of-sequence.")] = False,
     lora_rank: Annotated[Optional[int], typer.Option("--kt-moe-lora-rank", help="Seed compatibility: must equal the adapter's rank.")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--kt-moe-lora-alpha", help="Seed compatibility: must equal the adapter's alpha.")] = None,
@@ -169,23 +285,54 @@ def run(
     gpu_ratio: Annotated[Optional[float], typer.Option("--gpu-experts-ratio", help="Share of each layer's experts kept on the GPU, 0 to 1 (instead of --gpu-experts). At 1, with bf16 and greedy decoding, each decode step replays as one CUDA graph (Qwen2/3-MoE, Mixtral).")] = None,
     kt_weight_path: Annotated[Optional[Path], typer.Option("--kt-weight-path", help="With --method int8 / int4: the experts from this folder of kt-kernel's converted weights (its convert_cpu_weights.py: _layer_L/_numa_N/*.kt or blk.* safetensors) instead of the checkpoint; bf16 / fp32 read --model, as the seed does.")] = None,
     placement: Annotated[str, typer.Option("--placement", help="Which experts go to the GPU: prefix (the first N, as the seed), uniform (spread over the ids), or a routing stats file from expertlora profile (each layer's most used).")] = "prefix",
+    group_size: GroupSizeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: token_ids, text, prompt_tokens, tokens_per_s, adapter.")] = False,
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="Many requests at once through the serving engine: a JSON Lines file, one request per line ({\"id\", \"prompt_ids\" | \"prompt\" | \"messages\", \"adapter\", \"max_new_tokens\", \"temperature\", \"top_p\", \"top_k\", \"seed\", \"stop\", \"ignore_eos\"}); each result is printed as one JSON line when it finishes.")] = None,
+    max_num_seqs: MaxNumSeqsOpt = 64,
+    max_model_len: MaxModelLenOpt = None,
+    max_prefill_tokens: MaxPrefillTokensOpt = 1024,
+    kv_cache_memory: KvCacheMemoryOpt = None,
+    max_loaded_adapters: MaxLoadedAdaptersOpt = 16,
     progress: ProgressOpt = True,
 ):
-    """Generate from a MoE checkpoint with expert LoRA adapters (experts on the CPU engine, some on the GPU with --device cuda)."""
+    """Generate from a MoE checkpoint with expert LoRA adapters (experts on the CPU engine, some on the GPU with --device cuda).
+
+    One prompt (--prompt / --prompt-ids), or many at once with --prompts-file: they share the
+    serving engine's continuous batches, each with its own adapter and sampling.
+    """
     from .run import Sampling, generate, load_setup
+
+    if prompts_file is not None:
+        with _errors("run"):
+            given = [flag for flag, value, default in (
+                ("--prompt", prompt, None), ("--prompt-ids", prompt_ids, None), ("--use", use, None), ("--temperature", temperature, 0.0),
+                ("--top-p", top_p, None), ("--top-k", top_k, None), ("--seed", seed, None), ("--ignore-eos", ignore_eos, False), ("--json", as_json, False),
+                ("--group-size", group_size, None),
+            ) if value != default]
+            if given:
+                raise AdapterError(prompts_file, None, f"requests and their settings in the file ({given[0]} is per line with --prompts-file)", given[0])
+            from .runtime import EngineConfig
+
+            config = _engine_config(
+                EngineConfig, model, adapter, method=method, dtype=dtype, device=device, gpu_experts=gpu_experts,
+                gpu_experts_ratio=gpu_ratio, placement=placement, threads=threads, backend=backend, kt_weight_path=kt_weight_path,
+                max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_prefill_tokens=max_prefill_tokens,
+                kv_cache_memory=kv_cache_memory, max_loaded_adapters=max_loaded_adapters,
+            )
+            try:
+                _run_prompts_file(config, prompts_file, max_new_tokens, lora_rank, lora_alpha, progress)
+            except ValueError as e:  # AdapterError included: bad input, one line
+                err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+        return
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, via PEFT
     out = _stdout_for_results() if backend == "kt" else sys.stdout
-    with _errors():
-        try:
-            sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
-            setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress, backend,
-                               device, gpu_experts, gpu_ratio, placement, kt_weight_path)
-            result = generate(setup.model, setup.prompt_ids, setup.adapter, sampling, setup.tokenizer)
-        except ValueError as e:  # AdapterError included: bad input, one line
-            err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+    with _errors("run"):  # every option is checked before the model loads
+        sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
+        setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress, backend,
+                           device, gpu_experts, gpu_ratio, placement, kt_weight_path, sampling=sampling, group_size=group_size)
+        result = generate(setup.model, setup.prompt_ids, setup.adapter, sampling, setup.tokenizer)
     if as_json:
         print(json.dumps(result.to_json()), file=out, flush=True)
         return
@@ -196,6 +343,41 @@ def run(
         f"method {setup.method}, backend {backend}, device {device}[/dim]"
     )
     out.flush()
+
+
+def _engine_config(cls, model: Path, adapter_options: list[str] | None, **options):
+    """An EngineConfig from the command line; a bad value is one line (AdapterError)."""
+    from .run import parse_adapter_option
+
+    try:
+        adapters = [parse_adapter_option(a) for a in adapter_options or []]
+        return cls(model, adapters=adapters, **options)
+    except ValueError as e:
+        raise AdapterError(model, None, "valid engine options", str(e)) from None
+
+
+def _run_prompts_file(config, path: Path, max_new_tokens: int, lora_rank, lora_alpha, progress: bool) -> None:
+    """run --prompts-file: check every line, load the engine, run them all, one JSON line each."""
+    from rich.progress import Progress
+
+    from .run import check_seed_flags
+    from .runtime import Engine
+    from .runtime.prompts_file import check_jobs, read_jobs, run_jobs
+
+    jobs = read_jobs(path, max_new_tokens)  # every line checked before the model loads
+    with Engine(config, progress=_load_bar if progress else None) as engine:
+        for name, adapter in engine.lm.adapters.items():
+            check_seed_flags(name, adapter, lora_rank, lora_alpha)
+        ids = check_jobs(path, jobs, engine)
+        with Progress(console=err_console, transient=True, disable=not progress) as bar:
+            task = bar.add_task("requests", total=len(jobs))
+            run_jobs(engine, jobs, ids, lambda line: print(json.dumps(line), flush=True), lambda: bar.advance(task))
+
+
+def _load_bar(items, description: str):
+    from rich.progress import track
+
+    return track(items, description=f"loading {description}", transient=True, console=err_console)
 
 
 def _stdout_for_results():
@@ -217,29 +399,30 @@ def profile(
     method: Annotated[str, typer.Option("--method", "--kt-moe-sft-method", "--kt-method", help="Expert storage: fp32, bf16, int8 or int4.")] = "bf16",
     threads: Annotated[Optional[int], typer.Option("--threads", "--kt-cpuinfer", help="CPU threads for the experts (default: all cores).")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Greedy tokens generated after each prompt (0: prefill only).")] = 16,
+    group_size: GroupSizeOpt = None,
     progress: ProgressOpt = True,
 ):
     """Record which experts each MoE layer routes to on sample prompts, for GPU expert placement."""
     from rich.progress import track
 
+    from .convert import check_outputs
     from .placement import profile as run_profile, read_prompts
-    from .run import load_setup, load_tokenizer
+    from .run import adapter_choice, check_prompts, load_setup, load_tokenizer
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, via PEFT
-    with _errors():
-        try:
-            if max_new_tokens < 0:
-                raise ValueError(f"--max-new-tokens {max_new_tokens}: expected 0 or more")
-            _base(model)  # a bad model directory is named before the prompts are read
-            ids = read_prompts(prompts, load_tokenizer(model))
-            # load_setup checks the options and loads the model; it takes one prompt: the first
-            setup = load_setup(model, adapter or [], use, prompt=None, prompt_ids=",".join(map(str, ids[0])), method=method,
-                               dtype="auto", threads=threads, progress=progress)
-            bar = (lambda items, what: track(items, description=what, transient=True, console=err_console)) if progress else None
-            stats = run_profile(setup.model, ids, setup.adapter, max_new_tokens, bar)
-        except ValueError as e:  # AdapterError included: bad input, one line
-            err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+    with _errors("profile"):
+        if max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens {max_new_tokens}: expected 0 or more")
+        _base(model)  # a bad model directory is named before the prompts are read
+        adapter_choice(adapter or [], use)
+        ids = read_prompts(prompts, load_tokenizer(model))
+        check_prompts(model, ids, max_new_tokens)  # every prompt, before the model loads
+        check_outputs([output], [prompts, model / "config.json"])
+        # load_setup checks the options and loads the model; it takes one prompt: the first
+        setup = load_setup(model, adapter or [], use, prompt=None, prompt_ids=",".join(map(str, ids[0])), method=method,
+                           dtype="auto", threads=threads, progress=progress, group_size=group_size)
+        bar = (lambda items, what: track(items, description=what, transient=True, console=err_console)) if progress else None
+        stats = run_profile(setup.model, ids, setup.adapter, max_new_tokens, bar)
         stats.save(output)
     shares = [(c[e] / max(sum(c), 1), L, e) for L, c in stats.counts.items() for e in range(stats.num_experts)]
     (most, Lm, em), (least, Ll, el) = max(shares), min(shares)

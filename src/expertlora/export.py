@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .formats.canonical import narrowed
 from .lora import AdapterInfo, LayerLoRA, LoRASpec, ModuleLoRA
 from .model_config import MoEConfig
 
@@ -88,22 +89,32 @@ def peft_config(
 def write_peft_dir(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """adapter_model.safetensors + adapter_config.json, the way PeftModel.save_pretrained lays them out."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    # Each tensor its own storage: safetensors refuses views of one tensor (per-expert slices of a
+    # stacked factor, gate and up sharing one A).
+    save_file({k: _own_storage(v) for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def module_tensors(modules: dict[str, ModuleLoRA], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.untyped_storage().nbytes() == t.nbytes and t.storage_offset() == 0 else t.clone()
+
+
+def module_tensors(modules: dict[str, ModuleLoRA], dtype: torch.dtype | None, path: str | Path = "adapter") -> dict[str, torch.Tensor]:
+    """PEFT's keys and tensors for the non-expert modules, in ``dtype`` (None: as they are);
+    a value that overflows ``dtype`` is refused, naming the tensor."""
     out = {}
     for name, m in modules.items():
-        out[f"base_model.model.{name}.lora_A.weight"] = m.a.to(dtype or m.a.dtype)
-        out[f"base_model.model.{name}.lora_B.weight"] = m.b.to(dtype or m.b.dtype)
+        for ab, t in (("A", m.a), ("B", m.b)):
+            key = f"base_model.model.{name}.lora_{ab}.weight"
+            out[key] = narrowed(t, dtype or t.dtype, path, key)
     return out
 
 
 def write_modules_dir(out_dir: Path, info: AdapterInfo, modules: dict[str, ModuleLoRA], dtype: torch.dtype | None) -> None:
     """The non-expert LoRA alone, as a standard PEFT adapter directory."""
     config = peft_config(info.modules, info.use_rslora, sorted(modules), base_model=info.base_model, peft_version=info.peft_version)
-    write_peft_dir(out_dir, module_tensors(modules, dtype), config)
+    write_peft_dir(out_dir, module_tensors(modules, dtype, info.path), config)
 
 
 def export_peft(
@@ -117,7 +128,7 @@ def export_peft(
 ) -> None:
     """Write a PEFT adapter directory that PEFT loads onto transformers 4.x (per-expert) or 5.x (fused)."""
     build: Callable = _per_expert if layout == "per-expert" else _fused
-    tensors, specs, patterns = module_tensors(modules, dtype), dict(info.modules), {}
+    tensors, specs, patterns = module_tensors(modules, dtype, info.path), dict(info.modules), {}
     targets: list[str] = []
     naming = info.expert_naming or (base.expert_naming if base else "mlp")
     for layer in layers:
@@ -146,8 +157,9 @@ def _per_expert(info, layer: LayerLoRA, naming, dtype, tensors, specs, patterns,
     for proj, lora in layer.projections().items():
         for e in range(info.num_experts):
             module = f"{prefix}.{e}.{names[proj]}"
-            tensors[f"base_model.model.{module}.lora_A.weight"] = lora.a[e].to(dtype or lora.a.dtype)
-            tensors[f"base_model.model.{module}.lora_B.weight"] = lora.b[e].to(dtype or lora.b.dtype)
+            for ab, t in (("A", lora.a[e]), ("B", lora.b[e])):
+                key = f"base_model.model.{module}.lora_{ab}.weight"
+                tensors[key] = narrowed(t, dtype or t.dtype, info.path, key)
             specs[module] = lora.spec
             patterns[module] = rf"{re.escape(prefix)}\.\d+\.{names[proj]}"
     projs = "|".join(names[p] for p in layer.projections())
@@ -167,8 +179,9 @@ def _fused(info, layer: LayerLoRA, naming, dtype, tensors, specs, patterns, targ
         r = spec.rank
         nesting = "base_layer." * (len(params) - 1 - i)  # the first parameter is innermost
         key = f"base_model.model.{module}.{nesting}"
-        tensors[key + "lora_A.weight"] = a.reshape(E * r, a.shape[2]).to(dtype or a.dtype)  # [E·r, in]
-        tensors[key + "lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], r * E).to(dtype or b.dtype)  # [out, r·E]
+        a2, b2 = a.reshape(E * r, a.shape[2]), b.permute(1, 2, 0).reshape(b.shape[1], r * E)  # [E·r, in], [out, r·E]
+        tensors[key + "lora_A.weight"] = narrowed(a2, dtype or a.dtype, info.path, key + "lora_A.weight")
+        tensors[key + "lora_B.weight"] = narrowed(b2, dtype or b.dtype, info.path, key + "lora_B.weight")
         specs[f"{module}.{param}"] = spec
         targets.append(f"{module}.{param}")
 

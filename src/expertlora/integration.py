@@ -138,7 +138,7 @@ def load_model(
     model_dir: str | Path,
     method: str = "bf16",
     dtype: torch.dtype | None = None,
-    adapters: dict[str, ExpertLoRA] | None = None,
+    adapters: dict[str, ExpertLoRA | str | Path] | None = None,
     threads: int | None = None,
     group_size: int | None = None,
     progress: Callable | None = None,
@@ -151,8 +151,11 @@ def load_model(
     """Build the model of ``model_dir`` with its experts in ``method`` on our engine.
 
     ``dtype`` is that of the non-expert layers: float32 with ``fp32``, else bfloat16 unless
-    given. ``group_size`` (int4): by default the largest of 128 / 64 / 32 that divides the
-    hidden and intermediate sizes. ``progress(iterable, description)`` wraps the per-layer
+    given. ``adapters``: name -> an ExpertLoRA, or the path of an adapter in any format
+    (read with ``formats.load_adapter`` against this model's config.json). ``group_size``
+    (int4): by default each projection's own, the largest of 128 / 64 / 32 that divides its
+    input size (H for gate_up, I for down), else one group per row; a forced one (32, 64 or 128)
+    must divide both. ``progress(iterable, description)`` wraps the per-layer
     loading (a rich bar in the CLI). ``backend``: ``cpu`` (ours) or ``kt`` (kt-kernel's SFT
     MoE: bf16 or int4, one adapter per batch). ``device``: where the non-expert layers run;
     with a GPU, ``gpu_masks`` (layer -> [E] bool) names the experts that live there too (in bf16,
@@ -248,18 +251,23 @@ def _hybrid_engine(ckpt: Checkpoint, method: str, threads, group_size: int, wrap
     return HybridMoE.build(layers, gpu_masks, method, group_size, device, threads)
 
 
-def add_adapter(loaded: LoadedModel, name: str, adapter: ExpertLoRA, prepared: object | None = None) -> None:
+def add_adapter(loaded: LoadedModel, name: str, adapter: ExpertLoRA | str | Path, prepared: object | None = None) -> None:
     """Expert LoRA into an engine slot; non-expert LoRA into TokenLoRALinear swaps, same slot.
-    ``prepared``: the engine's ``prepare_adapter(adapter)``, built beforehand (off a step loop)."""
+    ``adapter``: an ExpertLoRA, or the path of an adapter (any format ``formats.load_adapter``
+    reads), checked against the model's config. ``prepared``: the engine's
+    ``prepare_adapter(adapter)``, built beforehand (off a step loop)."""
+    from .base_modules import check_modules
     from .validate import check_against_base
 
+    if isinstance(adapter, (str, Path)):
+        from .formats import load_adapter
+
+        adapter = load_adapter(adapter, loaded.checkpoint.config)
+    if not isinstance(adapter, ExpertLoRA):
+        raise TypeError(f"adapter {name!r}: expected an ExpertLoRA or the path of an adapter, found {type(adapter).__name__}")
     check_against_base(adapter.info, loaded.checkpoint.config)
-    for module_name, lora in adapter.modules.items():
-        module = loaded.model.get_submodule(_module_path(module_name))
-        base = module.base if isinstance(module, TokenLoRALinear) else module
-        if not isinstance(base, torch.nn.Linear) or tuple(base.weight.shape) != (lora.b.shape[0], lora.a.shape[1]):
-            raise AdapterError(adapter.info.path, module_name, f"a LoRA for a linear layer of {tuple(base.weight.shape)}",
-                               f"A {tuple(lora.a.shape)}, B {tuple(lora.b.shape)}")
+    # every non-expert module it targets is a linear layer of this model, of the LoRA's shape
+    check_modules(adapter.info, loaded.model, adapter.modules, str(loaded.checkpoint.dir))
     slot = loaded.engine.load_adapter(name, adapter, prepared)
     loaded.adapters[name] = adapter
     for module_name, lora in adapter.modules.items():

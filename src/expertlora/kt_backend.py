@@ -13,6 +13,8 @@ Shape legend: E = experts, H = hidden, I = intermediate, r = the layer's kt rank
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from .engine import available_cores
@@ -26,8 +28,33 @@ KT_FILE_METHODS = ("AMXINT8_SFT", "AMXINT4_SFT")  # the ones it loads from its c
 MAX_TOKENS = 4096  # kt-kernel's chunked_prefill_size: longer batches run in chunks
 
 
+# kt-kernel 0.7.2's weight buffers (operators/amx/la/amx_buffers.hpp and amx_kernels.hpp) need
+# every input size k and output size n of its matmuls in whole steps: n % 32 (N_STEP) and
+# k % 32 for BF16 (K_STEP), k % 64 for INT8, k % 128 for INT4 (B_K_STEP = 2 * K_STEP). Its
+# intermediate size is per NUMA part. Other shapes crash the process (BF16: a segfault at the
+# first forward, e.g. I = 48) or fail inside kt-kernel's constructor, so they are refused first.
+KT_SIZE_STEP = {"AMXBF16_SFT": 32, "AMXINT8_SFT": 64, "AMXINT4_SFT": 128}
+
+
 class KtUnavailable(ValueError):
     pass
+
+
+def check_kt_shapes(kt_method: str, hidden: int, intermediate: int, weight_path: str | None = None,
+                    layers: Iterable[int] = ()) -> None:
+    """Refuse (KtUnavailable, one line) the sizes kt-kernel's ``kt_method`` cannot run: the hidden
+    size and each NUMA part's intermediate size must be whole multiples of its step."""
+    step = KT_SIZE_STEP.get(kt_method)
+    if step is None:
+        raise KtUnavailable(f"kt backend: unknown method {kt_method}; expected one of {', '.join(KT_SIZE_STEP)}")
+    parts = {kt_numa_parts(weight_path, L) for L in layers} if weight_path else {1}
+    for p in sorted(parts):
+        if hidden % step or intermediate % p or (intermediate // p) % step:
+            per_part = f" per NUMA part ({p} parts)" if p > 1 else ""
+            raise KtUnavailable(
+                f"--backend kt: kt-kernel's {kt_method} runs hidden and intermediate sizes{per_part} that are multiples of {step}, "
+                f"not hidden {hidden}, intermediate {intermediate}; use --backend cpu (any size)"
+            )
 
 
 def kt_method(method: str, from_files: bool = False) -> str:
@@ -72,6 +99,8 @@ class KtMoEEngine:
                 "INT8 SFT wants kt-kernel's own .kt files); or use the cpu backend"
             )
         first = next(iter(layers.values()))
+        # shapes kt-kernel cannot run crash the process: refused here, before it sees them
+        check_kt_shapes(kt_method, first.hidden_size, first.intermediate_size, weight_path, layers)
         if weight_path is None and first.method != "bf16":
             raise KtUnavailable(f"kt backend: give it bf16 expert weights (kt-kernel quantizes them itself), not {first.method}")
         self.layers = layers

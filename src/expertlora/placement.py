@@ -59,11 +59,17 @@ class RoutingStats:
         path = Path(path)
         data = {"format": STATS_FORMAT, "model": self.model, "num_experts": self.num_experts, "tokens": self.tokens,
                 "counts": {str(L): c for L, c in sorted(self.counts.items())}}
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from .formats.canonical import output_error
+
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
+            if path.is_dir():
+                raise AdapterError(path, None, "a file path for the routing stats", "an existing directory")
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(data, indent=1) + "\n")
             tmp.replace(path)
+        except OSError as e:
+            raise output_error(path, e) from None  # the path given, not the temporary
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -109,8 +115,9 @@ def parse_placement(value: str) -> tuple[str, RoutingStats | None]:
         raise ValueError("placement frequency: pass the routing stats JSON file instead (made by expertlora profile)")
     if value in STRATEGIES:
         return value, None
-    if not Path(value).is_file():
-        raise ValueError(f"placement {value!r}: expected prefix, uniform or a routing stats JSON file (made by expertlora profile)")
+    if not (Path(value).suffix.lower() == ".json" and Path(value).is_file()):  # a misspelt name is not a path
+        raise ValueError(f"placement {value!r}: expected prefix, uniform or a routing stats JSON file (made by expertlora profile): "
+                         f"{'no such file' if Path(value).suffix.lower() == '.json' else 'neither a strategy nor a .json file'}")
     return "frequency", RoutingStats.load(value)
 
 

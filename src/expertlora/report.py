@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .formats.base import AdapterReader
@@ -41,7 +42,7 @@ def print_report(d: dict, console: Console) -> None:
     head = Table.grid(padding=(0, 2))
     for key in ("path", "format", "peft_version", "orientation", "num_experts", "hidden_size", "intermediate_size", "dtype", "use_rslora", "expert_naming"):
         if d[key] is not None:
-            head.add_row(f"[bold]{key}[/]", str(d[key]))
+            head.add_row(f"[bold]{key}[/]", _text(d[key]))
     head.add_row("[bold]expert parameters[/]", f"{d['expert_parameters']:,}")
     head.add_row("[bold]size on disk[/]", f"{d['size_bytes'] / 2**20:,.1f} MiB")
     console.print(head)
@@ -60,10 +61,16 @@ def print_report(d: dict, console: Console) -> None:
         table.add_column("module")
         table.add_column("rank / alpha / scaling")
         for name, spec in mods.items():
-            table.add_row(name, _spec(spec))
+            table.add_row(_text(name), _spec(spec))
         console.print(table)
     else:
         console.print("non-expert LoRA: none")
+
+
+def _text(value) -> str:
+    """A value from the adapter's files, shown as text: no rich markup, no control characters."""
+    text = str(value)
+    return escape("".join(c if c.isprintable() else repr(c)[1:-1] for c in text))
 
 
 def _spec(s: dict | None) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,20 +17,42 @@ from .integration import LoadedModel
 
 @dataclass(frozen=True)
 class Sampling:
-    """Per-request generation settings; greedy unless temperature > 0."""
+    """Per-request generation settings; greedy unless temperature > 0.
+
+    ``top_p`` (None: 1, all), ``top_k`` (None or 0: all) and ``seed`` shape sampling only, so
+    with greedy decoding (temperature 0) giving one is an error, not silently ignored.
+    """
 
     max_new_tokens: int = 32
     temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    top_p: float | None = None
+    top_k: int | None = None
     seed: int | None = None
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected at least 1, found {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("sampling: expected temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: expected at least 1")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"--temperature {self.temperature}: expected a finite number >= 0 (0: greedy)")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise ValueError(f"--top-p {self.top_p}: expected a number in (0, 1]")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+            raise ValueError(f"--top-k {self.top_k}: expected an integer >= 0 (0: all tokens)")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ValueError(f"--seed {self.seed}: expected an integer from 0 to 2**64 - 1")
+        if self.temperature == 0:
+            for flag, value in (("--top-p", self.top_p), ("--top-k", self.top_k), ("--seed", self.seed)):
+                if value is not None:
+                    raise ValueError(f"{flag} {value}: only sampling uses it; give --temperature > 0 (0, the default, is greedy)")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -60,7 +85,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], adapter: str | None, sampli
     if sampling.temperature > 0:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        kwargs |= dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        kwargs |= dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p or 1.0, top_k=sampling.top_k or None)
     else:
         kwargs |= dict(do_sample=False)
     if sampling.ignore_eos:
@@ -109,6 +134,8 @@ def parse_adapter_option(value: str) -> tuple[str, Path]:
         name, path = Path(value).stem or Path(value).name, value
     if not name or not path:
         raise ValueError(f"--adapter {value!r}: expected [NAME=]PATH")
+    if name.lower() == "none":
+        raise ValueError(f"--adapter {value!r}: the name none is reserved (--use none runs without an adapter); name it NAME=PATH")
     return name, Path(path)
 
 
@@ -130,14 +157,22 @@ def load_setup(
     gpu_ratio: float | None = None,
     placement: str = "prefix",
     kt_weight_path: Path | None = None,
+    *,
+    sampling: Sampling | None = None,
+    group_size: int | None = None,
 ) -> Setup:
-    """Check every option, then load the adapters and the model (with a progress bar)."""
+    """Check every option, then load the adapters and the model (with a progress bar).
+
+    ``sampling``, when given, is checked against the model too: its prompt and new tokens must
+    fit the model's context (max_position_embeddings)."""
     from .formats import load_adapter
-    from .integration import load_model
+    from .integration import _int4_group, load_model
     from .model_config import MoEConfig
     from .quantize import resolve_method
 
     method = resolve_method(method)
+    if backend not in ("cpu", "kt"):
+        raise ValueError(f"--backend {backend!r}: expected cpu or kt")
     if backend == "kt":
         from .kt_backend import kt_method
 
@@ -147,50 +182,128 @@ def load_setup(
     dtypes = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
     if dtype not in dtypes:
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(dtypes)}")
+    _check_threads(threads)
+    if group_size is not None and (method != "int4" or (backend == "kt" and kt_weight_path is None)):
+        raise ValueError(f"--group-size {group_size}: only our int4 storage has groups (--method int4, --backend cpu or --kt-weight-path)")
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of --prompt and --prompt-ids")
+    named, chosen = adapter_choice(adapter_options, use)
+    _check_seed_flag_values(named, lora_rank, lora_alpha)
+    base = MoEConfig.from_model_dir(model_dir)
+    if group_size is not None:
+        _int4_group(base.hidden_size, base.intermediate_size, group_size)
+    if backend == "kt":
+        from .kt_backend import check_kt_shapes
+
+        check_kt_shapes(kt_method(method, from_files=kt_weight_path is not None), base.hidden_size, base.intermediate_size,
+                        kt_weight_path, base.moe_layers)
+    tokenizer = load_tokenizer(model_dir)
+    ids = _prompt_ids(prompt, prompt_ids, tokenizer, model_dir)
+    check_prompts(model_dir, [ids], sampling.max_new_tokens if sampling else 0, numbered=False)
+    masks = _gpu_masks(base, device, gpu_experts, gpu_ratio, placement)
+    adapters = {name: load_adapter(path, base) for name, path in named.items()}
+    for name, adapter in adapters.items():
+        check_seed_flags(name, adapter, lora_rank, lora_alpha)
+    bar = _rich_progress if progress else None
+    lm = load_model(model_dir, method, dtypes[dtype], adapters, threads=threads, group_size=group_size, progress=bar,
+                    backend=backend, device=device, gpu_masks=masks, kt_weight_path=kt_weight_path)
+    return Setup(lm, method, ids, chosen, tokenizer)
+
+
+def adapter_choice(adapter_options: list[str], use: str | None) -> tuple[dict[str, Path], str | None]:
+    """The ``--adapter`` options by name, and the one ``--use`` picks (None: none)."""
     named = dict(parse_adapter_option(a) for a in adapter_options)
     if len(named) != len(adapter_options):
         raise ValueError("--adapter: two adapters share a name; name them NAME=PATH")
     chosen = next(iter(named), None) if use is None else (None if use.lower() == "none" else use)
     if chosen is not None and chosen not in named:
         raise ValueError(f"--use {use!r}: expected none or one of the --adapter names ({', '.join(named) or 'none given'})")
-    tokenizer = load_tokenizer(model_dir)
-    ids = _prompt_ids(prompt, prompt_ids, tokenizer, model_dir)
-    base = MoEConfig.from_model_dir(model_dir)
-    masks = _gpu_masks(base, device, gpu_experts, gpu_ratio, placement)
-    adapters = {name: load_adapter(path, base) for name, path in named.items()}
-    for name, adapter in adapters.items():
-        _check_seed_flags(name, adapter, lora_rank, lora_alpha)
-    bar = _rich_progress if progress else None
-    lm = load_model(model_dir, method, dtypes[dtype], adapters, threads=threads, progress=bar, backend=backend,
-                    device=device, gpu_masks=masks, kt_weight_path=kt_weight_path)
-    return Setup(lm, method, ids, chosen, tokenizer)
+    return named, chosen
+
+
+def check_prompts(model_dir: str | Path, prompts: list[list[int]], max_new_tokens: int, numbered: bool = True) -> None:
+    """Each prompt's ids must be in the model's vocabulary, and the prompt with ``max_new_tokens``
+    more must fit its context (max_position_embeddings), as config.json gives them. Errors name
+    ``prompt N`` (``numbered``) or ``the prompt``."""
+    vocab, context = _model_limits(model_dir)
+    for n, ids in enumerate(prompts, 1):
+        which = f"prompt {n}" if numbered else "the prompt"
+        if not ids:
+            raise ValueError(f"{which}: expected at least one token, found none")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{which}: expected token ids in 0..{vocab - 1}, found {bad} (the model's vocab_size is {vocab})")
+        if context is not None and len(ids) + max_new_tokens > context:
+            room = context - len(ids)
+            if room < 1:
+                raise ValueError(f"{which}: {len(ids)} tokens: expected fewer than the model's context, max_position_embeddings {context}")
+            raise ValueError(f"--max-new-tokens {max_new_tokens}: expected at most {room} (max_position_embeddings {context} "
+                             f"minus the {len(ids)} tokens of {which})")
+
+
+def _model_limits(model_dir: str | Path) -> tuple[int, int | None]:
+    """(vocab_size, max_position_embeddings or None) of the model's config, as transformers reads it."""
+    from transformers import AutoConfig
+
+    from .errors import AdapterError
+
+    path = Path(model_dir) / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    except Exception as e:  # transformers refuses a bad config with many exception types
+        raise AdapterError(path, None, "a config transformers can read", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    vocab, context = getattr(config, "vocab_size", None), getattr(config, "max_position_embeddings", None)
+    if not _is_int(vocab) or vocab < 1:
+        raise AdapterError(path, "vocab_size", "a positive integer", repr(vocab)[:40])
+    if context is not None and (not _is_int(context) or context < 1):
+        raise AdapterError(path, "max_position_embeddings", "a positive integer", repr(context)[:40])
+    return vocab, context
+
+
+def _check_threads(threads: int | None) -> None:
+    cores = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= max(cores, 1):
+        raise ValueError(f"--threads {threads}: expected 1 to {cores} (the CPU cores here)")
+
+
+def _check_seed_flag_values(named: dict, rank: int | None, alpha: float | None) -> None:
+    """The seed's rank / alpha flags state what the adapter holds: they need one, and sane values."""
+    for flag, value in (("--kt-moe-lora-rank", rank), ("--kt-moe-lora-alpha", alpha)):
+        if value is not None and not named:
+            raise ValueError(f"{flag} {value}: it states the adapter's {flag.rsplit('-', 1)[1]}, but no --adapter is given")
+    if rank is not None and rank < 1:
+        raise ValueError(f"--kt-moe-lora-rank {rank}: expected a rank of at least 1")
+    if alpha is not None and not math.isfinite(alpha):
+        raise ValueError(f"--kt-moe-lora-alpha {alpha}: expected a finite number")
 
 
 def _gpu_masks(base, device: str, gpu_experts: int | None, gpu_ratio: float | None, placement: str):
     """Per-layer GPU expert masks from the placement options; None when every expert is on the CPU."""
     from .placement import gpu_expert_count, gpu_masks, parse_placement
 
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+    if not re.fullmatch(r"cpu|cuda(:\d{1,3})?", device):
         raise ValueError(f"--device {device!r}: expected cpu or cuda")
     if device != "cpu" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible to PyTorch here")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: expected cuda:0 to cuda:{torch.cuda.device_count() - 1} (the GPUs visible here)")
+    strategy, stats = parse_placement(placement)  # checked even when no expert goes to the GPU
     count = gpu_expert_count(base.num_experts, gpu_experts, gpu_ratio)
     if count == 0:
         return None
     if device == "cpu":
         raise ValueError("--gpu-experts / --gpu-experts-ratio need --device cuda")
-    strategy, stats = parse_placement(placement)
     return gpu_masks(base.num_experts, base.moe_layers, count, strategy, stats)
 
 
 def _prompt_ids(prompt: str | None, prompt_ids: str | None, tokenizer, model_dir: Path) -> list[int]:
     if prompt_ids is not None:
-        try:
-            ids = [int(t) for t in prompt_ids.replace(" ", "").split(",") if t]
-        except ValueError:
-            raise ValueError(f"--prompt-ids {prompt_ids!r}: expected comma-separated token ids") from None
+        tokens = [t.strip() for t in prompt_ids.split(",")]
+        # ASCII digits only (int() would also take "1_0" and other scripts' digits); a minus
+        # sign is read, so that a negative id is refused as outside the vocabulary
+        if not all(re.fullmatch(r"-?[0-9]{1,18}", t) for t in tokens if t):
+            raise ValueError(f"--prompt-ids {prompt_ids[:60]!r}: expected comma-separated token ids")
+        ids = [int(t) for t in tokens if t]
         if not ids:
             raise ValueError("--prompt-ids: expected at least one token id")
         return ids
@@ -199,7 +312,7 @@ def _prompt_ids(prompt: str | None, prompt_ids: str | None, tokenizer, model_dir
     return tokenizer(prompt)["input_ids"]
 
 
-def _check_seed_flags(name: str, adapter, rank: int | None, alpha: float | None) -> None:
+def check_seed_flags(name: str, adapter, rank: int | None, alpha: float | None) -> None:
     """The seed's --kt-moe-lora-rank / -alpha: rank and alpha come from the adapter; a flag
     that disagrees with it is an error, not an override."""
     for flag, value, attr in (("--kt-moe-lora-rank", rank, "rank"), ("--kt-moe-lora-alpha", alpha, "alpha")):

@@ -7,6 +7,7 @@ directory beside it holding the non-expert LoRA.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -288,3 +289,59 @@ def write_safetensors(
             del layer, lora, t  # free this layer before the next one is read
         f.flush()
         os.fsync(f.fileno())
+
+
+def narrowed(t: torch.Tensor, dtype: torch.dtype, path: str | Path, key: str) -> torch.Tensor:
+    """``t`` in ``dtype``; a value that does not fit (bf16 / fp32 overflow to inf) is an AdapterError
+    naming the tensor, never an inf written to the output."""
+    out = t.to(dtype)
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        src = t.double()
+        found = src[torch.isfinite(src)].abs().max() if bool(torch.isfinite(src).any()) else float("inf")
+        name = str(dtype).removeprefix("torch.")
+        raise AdapterError(path, key, f"values that fit in {name} (|v| <= {torch.finfo(dtype).max:.4g})",
+                           f"{float(found):.4g}, which becomes inf" if math.isfinite(float(found)) else "inf")
+    return out
+
+
+# ---- output paths: written beside the target, moved into place whole, with the usual mode -----
+
+# errno values that say the path given cannot be written (bad input), as against a failing disk
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+                errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL}
+
+
+def _umask() -> int:
+    try:  # Linux >= 4.7: read it without changing it (os.umask sets it, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: Path) -> None:
+    """Give ``path`` (a file, or a directory and everything in it) the mode a new file gets under
+    the umask (0644 / 0755 under 022): writers that go through a private temporary file, such as
+    safetensors' save_file, leave 0600."""
+    mask = _umask()
+    if path.is_dir() and not path.is_symlink():
+        path.chmod(0o777 & ~mask)
+        for p in path.rglob("*"):
+            if not p.is_symlink():
+                p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    elif path.is_file():
+        path.chmod(0o666 & ~mask)
+
+
+def output_error(final: Path, e: OSError) -> Exception:
+    """An OSError met writing ``final`` (or its temporary), as the error to raise: the path the
+    user gave, never the temporary's. A path that cannot be written is bad input (AdapterError);
+    anything else (a full disk) stays an OSError, on that path."""
+    reason = e.strerror or type(e).__name__
+    if e.errno in _PATH_ERRNOS:
+        return AdapterError(final, None, "an output path that can be written", reason)
+    return OSError(e.errno, f"cannot write the output ({reason})", str(final))
