@@ -42,9 +42,11 @@ from .gpu import GpuLayer, GpuMoELoRA
 from .quantize import QuantizedStack
 from .slots import AdapterSlots
 
-# The default threshold per method, in tokens per forward (None: off), from the H200 measurements
-# in BENCHMARKS.md ("GPU prefill for CPU experts"). The CLI's default; load_model's is off.
-DEFAULT_THRESHOLDS: dict[str, int | None] = {"fp32": None, "bf16": None, "int8": None, "int4": None}
+# The default threshold per method, in tokens per forward (None: off): the smallest token count
+# from which GPU prefill beat the CPU path on the H200 host (BENCHMARKS.md, "GPU prefill for
+# CPU-resident experts"; Qwen3-30B-A3B layers, 15 CPU threads): there 1.2x / 1.4x / 1.4x faster,
+# at half these counts 0.9x. fp32 was not measured. The CLI's default; load_model's is off.
+DEFAULT_THRESHOLDS: dict[str, int | None] = {"fp32": None, "bf16": 128, "int8": 64, "int4": 32}
 PAGE = 4096
 ALIGN = 256  # bytes: each part of a layer's block starts here (every dtype's alignment, and the GPU's)
 DEQUANT_CHUNK_BYTES = 256 * 2**20  # dequantized output per step: bounds the temporaries (int4: 2 x 1/4 of it)
