@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import math
@@ -298,13 +299,16 @@ def _routing(counter: ExpertCounter, c: int) -> dict:
                 bytes_total=sum(d for _, d, _ in calls) * counter.expert_bytes, moe_s=sum(s for *_, s in calls))
 
 
-def warm_up(engine, args, vocab: int) -> None:
-    """Every batch size from the largest level down, a long prompt, every adapter (allocators,
+def warm_workload(args, vocab: int) -> list[Req]:
+    """Batch sizes from the largest level down, a longest prompt, every adapter (allocators,
     kernels compiled per shape)."""
-    n = max(args.levels)
-    reqs = workload(n, vocab, (8, 64), (2, 12), seed=99, mix=(None, *[f"lora{i}" for i in range(1, NUM_ADAPTERS + 1)]))
+    reqs = workload(max(args.levels), vocab, (8, 64), (2, 12), seed=99, mix=(None, *[f"lora{i}" for i in range(1, NUM_ADAPTERS + 1)]))
     reqs[0] = Req(workload(1, vocab, (args.prompt_lens[1], args.prompt_lens[1]), (2, 2), seed=98)[0].prompt, 2, None)
-    asyncio.run(drive(engine_sender(engine), reqs, concurrency=n))
+    return reqs
+
+
+def warm_up(engine, args, vocab: int) -> None:
+    asyncio.run(drive(engine_sender(engine), warm_workload(args, vocab), concurrency=max(args.levels)))
 
 
 async def rss_drive(send, args, vocab: int, pids: list[int], engine=None, label: str = "") -> dict:
@@ -463,12 +467,13 @@ class Server:
         self.dropped = [flag for flag, value in options if value is not None and not listed(flag)]
         cmd += [str(x) for flag, value in options if value is not None and listed(flag) for x in (flag, value)]
         cmd += ["--no-progress"] if listed("--no-progress") else []
-        self.cmd, self.log, self.proc = cmd, log, None
+        self.cmd, self.log, self.proc, self.threads = cmd, log, None, args.threads
 
     def __enter__(self):
         import httpx
 
-        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
+        env = os.environ | ({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {})  # torch's threads, as in process
+        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -501,31 +506,22 @@ def _tail(log: Path) -> str:
         return ""
 
 
-def http_runs(server: Server, args, levels: dict, arrivals: list[float] | None, arrival_reqs, vocab: int, over) -> list[dict]:
-    """The in-process runs' workload through the server: levels, arrivals, --rss (the server's RSS)."""
+def run_http(server: Server, args, fn):
+    """fn(send) (a coroutine) with an httpx client for ``server``, in a fresh event loop."""
     import httpx
 
-    async def with_client(fn):
+    async def main():
         n = max(args.levels) + 8
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(None), limits=limits) as client:
             return await fn(http_sender(client, server.base))
 
-    def run(label, reqs, concurrency=None, arr=None, label_c=None):
-        traces, t0 = asyncio.run(with_client(lambda send: drive(send, reqs, concurrency, arr)))
-        return summarize(f"HTTP: {label}", label_c if label_c is not None else concurrency, traces, t0)
+    return asyncio.run(main())
 
-    run("warm-up", workload(max(args.levels), vocab, (8, 64), (2, 12), seed=99), max(args.levels))
-    rows = [best_of([run("no adapter + 4 adapters mixed", levels[args.compare_at], args.compare_at) for _ in range(args.repeat)])]
-    for c, reqs in levels.items():
-        if c != args.compare_at and not over():
-            rows.append(run("no adapter + 4 adapters mixed", reqs, c))
-    if arrivals is not None and not over():
-        rows.append(run(f"Poisson arrivals, {args.rate_used:.2f} req/s", arrival_reqs, arr=arrivals, label_c="open"))
-        rows.append(run("burst (all at once)", arrival_reqs, arr=[0.0] * len(arrival_reqs), label_c="burst"))
-    if args.rss and not over():
-        rows.append(asyncio.run(with_client(lambda send: rss_drive(send, args, vocab, [server.proc.pid], label="HTTP: the server's "))))
-    return rows
+
+def http_level(server: Server, args, run: str, reqs: list[Req], concurrency=None, arrivals=None, label_c=None) -> dict:
+    traces, t0 = run_http(server, args, lambda send: drive(send, reqs, concurrency, arrivals))
+    return summarize(f"HTTP: {run}", label_c if label_c is not None else concurrency, traces, t0)
 
 
 # -- set-up ------------------------------------------------------------------------------------
@@ -659,8 +655,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     warnings.simplefilter("ignore")
-    threads = args.threads or os.cpu_count()
-    torch.set_num_threads(threads)
+    if args.threads:  # torch's threads too (the server gets OMP_NUM_THREADS): the same for every path measured
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     if args.json:
         JSON_LINES.append(args.json)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a time limit's SIGTERM still stops the server we started
@@ -677,9 +674,10 @@ def main(argv=None):
     vocab, budget, C = args.vocab, kv_budget(args), args.compare_at
     count = lambda c: max(args.rounds * c, args.min_requests)  # noqa: E731
     reqs = workload(max(map(count, args.levels)), vocab, args.prompt_lens, args.output_lens, args.seed)
-    levels = {c: reqs[: count(c)] for c in args.levels if "levels" in args.parts or c == C}
+    all_levels = {c: reqs[: count(c)] for c in args.levels}  # HTTP runs every level
+    levels = {c: lr for c, lr in all_levels.items() if "levels" in args.parts or c == C}
     arrival_reqs = workload(args.arrival_requests, vocab, args.prompt_lens, args.output_lens, args.seed + 1)
-    rows, notes, skipped = [], {}, []
+    rows, notes, skipped, arrivals = [], {}, [], None
     read_gbs = bandwidth(args.cache_mb)[0] if cpu_experts else None
     if read_gbs:
         print(f"read bandwidth here: {read_gbs:.1f} GB/s", flush=True)
@@ -698,37 +696,59 @@ def main(argv=None):
     stats = engine.stats()
     notes["kv"] = dict(budget=budget, allocated=stats.kv_cache_bytes, slots=stats.kv_slots)
     counter = ExpertCounter(engine.lm) if cpu_experts else None
-    arrivals = None
-    try:
+    server = None
+    with contextlib.ExitStack() as stack:
+        stack.callback(engine.close)
+        if args.http:  # up beside the engine: in-process and HTTP runs then take turns, under the same drift
+            try:
+                server = Server(model_dir, paths, args, budget, work / "serve.log")
+                notes["http_dropped"] = server.dropped
+                stack.enter_context(server)
+            except Exception as e:  # noqa: BLE001 - reported; the in-process runs still come
+                notes["http_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"HTTP runs failed: {notes['http_error']}", flush=True)
+                server = None
         warm_up(engine, args, vocab)
-        mixed = "engine: no adapter + 4 adapters mixed"
-        # the runs compared at C first, --repeat times in turn (drift and neighbours fall on all alike), best kept
-        compared = [(mixed, levels[C])] + [
-            (label, with_adapters(levels[C], mix)) for name, label, mix in (
-                ("nolora", "engine: no adapter (no LoRA)", (None,)), ("adapters", "engine: one adapter", ("lora1",)),
-                ("adapters", "engine: five adapters mixed", tuple(f"lora{i}" for i in range(1, NUM_ADAPTERS + 1))))
-            if part(name)]
+        if server is not None:
+            http_level(server, args, "warm-up", warm_workload(args, vocab), max(args.levels))
+        mixed = "no adapter + 4 adapters mixed"
+        # the runs compared at C first, --repeat turns each, in turn (drift and neighbours fall on all alike); the best kept
+        compared = [(f"engine: {mixed}", lambda: run_engine(engine, f"engine: {mixed}", levels[C], C, counter=counter))]
+        for name, label, mix in (("nolora", "engine: no adapter (no LoRA)", (None,)), ("adapters", "engine: one adapter", ("lora1",)),
+                                 ("adapters", "engine: five adapters mixed", tuple(f"lora{i}" for i in range(1, NUM_ADAPTERS + 1)))):
+            if part(name):
+                compared.append((label, lambda label=label, mix=mix: run_engine(engine, label, with_adapters(levels[C], mix), C, counter=counter)))
+        if server is not None:
+            compared.append(("http", lambda: http_level(server, args, mixed, all_levels[C], C)))
         tries = {label: [] for label, _ in compared}
         for _ in range(args.repeat):
-            for label, lr in compared:
-                tries[label].append(run_engine(engine, label, lr, C, counter=counter))
+            for label, fn in compared:
+                tries[label].append(fn())
         rows += [best_of(t) for t in tries.values()]
         for c, lr in levels.items():
             if c != C and not over():
-                rows.append(run_engine(engine, mixed, lr, c, counter=counter))
+                rows.append(run_engine(engine, f"engine: {mixed}", lr, c, counter=counter))
+        for c, lr in all_levels.items():
+            if server is not None and c != C and not over():
+                rows.append(http_level(server, args, mixed, lr, c))
         if part("arrivals"):
-            args.rate_used = args.rate or 0.8 * _find(rows, mixed, C)["req_s"]
+            args.rate_used = args.rate or 0.8 * _find(rows, f"engine: {mixed}", C)["req_s"]
             arrivals = poisson(len(arrival_reqs), args.rate_used, args.seed + 2)
-            rows.append(run_engine(engine, f"engine: Poisson arrivals, {args.rate_used:.2f} req/s", arrival_reqs, arrivals=arrivals, label_c="open"))
-            rows.append(run_engine(engine, "engine: burst (all at once)", arrival_reqs, arrivals=[0.0] * len(arrival_reqs), label_c="burst"))
+            for label, kw in ((f"Poisson arrivals, {args.rate_used:.2f} req/s", dict(arrivals=arrivals, label_c="open")),
+                              ("burst (all at once)", dict(arrivals=[0.0] * len(arrival_reqs), label_c="burst"))):
+                rows.append(run_engine(engine, f"engine: {label}", arrival_reqs, **kw))
+                if server is not None:
+                    rows.append(http_level(server, args, label, arrival_reqs, **kw))
         if args.rss and not over():
             rows.append(asyncio.run(rss_drive(engine_sender(engine), args, vocab, [os.getpid()], engine)))
+            if server is not None:
+                rows.append(run_http(server, args, lambda send: rss_drive(send, args, vocab, [server.proc.pid], label="HTTP: the server's ")))
+        elif args.rss:
+            skipped.append("rss")
         s = engine.stats()
         notes["kv"].update(peak_used=max(r.get("peak_kv_slots", 0) for r in rows), after_used=s.kv_slots_used, after_running=s.running)
-    finally:
-        engine.close()
-        del engine, counter
-        _free()
+    engine = counter = server = None  # the engine's memory back before the peers load theirs
+    _free()
     if part("alone"):
         rows.append(one_at_a_time(model_dir, paths, reqs[: args.alone_requests], args))
     if part("cb"):
@@ -737,17 +757,6 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001 - a peer's failure is reported, the table still comes
             notes["cb_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             print(f"transformers continuous batching failed: {notes['cb_error']}", flush=True)
-    if args.http and not over():
-        try:
-            server = Server(model_dir, paths, args, budget, work / "serve.log")
-            notes["http_dropped"] = server.dropped
-            with server:
-                rows += http_runs(server, args, {c: reqs[: count(c)] for c in args.levels}, arrivals, arrival_reqs, vocab, over)
-        except Exception as e:  # noqa: BLE001
-            notes["http_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            print(f"HTTP runs failed: {notes['http_error']}", flush=True)
-    elif args.http:
-        skipped.append("http")
     notes["total_s"], notes["skipped"] = time.perf_counter() - t_start, skipped
     emit(markdown(rows, notes, args, read_gbs, threads), args.out)
     if tmp is not None:
@@ -862,10 +871,14 @@ def bound(rows: list[dict], args, read_gbs: float | None) -> list[str]:
     if one and at:
         g1, gc_ = one["routing"], at["routing"]
         b = (gc_["decode_tokens"] / gc_["decode_distinct"]) / (g1["decode_tokens"] / g1["decode_distinct"])
-        out += ["", f"Where decode is bound by reading the experts, a step of {gc_['decode_tokens']:.1f} decodes gives at most "
-                    f"{gc_['decode_tokens']:.1f} x {g1['decode_distinct']:.1f} / {gc_['decode_distinct']:.1f} = **{b:.2f}x** the tokens/s "
-                    f"of one; measured at the engine: {at['tok_s'] / one['tok_s']:.2f}x ({args.compare_at} against 1 concurrent). Uniform "
-                    f"routing would touch {E * (1 - (1 - k / E) ** args.compare_at):.1f} of {E} experts at {args.compare_at} tokens."]
+        read = lambda g: g["decode_distinct"] * g["expert_bytes"] * g["layers"] / (read_gbs * 1e9)  # noqa: E731 - seconds a decode step's expert reads take
+        out += ["", f"A decode step's expert reads at the read bandwidth: {1e3 * read(g1):.2f} ms at 1 concurrent "
+                    f"({100 * read(g1) / (one['step_ms'] / 1e3):.0f}% of its measured step), {1e3 * read(gc_):.2f} ms at {args.compare_at} "
+                    f"({100 * read(gc_) / (at['step_ms'] / 1e3):.0f}%). Were decode bound by those reads alone, {gc_['decode_tokens']:.1f} decodes "
+                    f"a step would give at most {gc_['decode_tokens']:.1f} x {g1['decode_distinct']:.1f} / {gc_['decode_distinct']:.1f} = "
+                    f"**{b:.2f}x** the tokens/s of one; the engine measured {at['tok_s'] / one['tok_s']:.2f}x ({args.compare_at} against 1 "
+                    f"concurrent). Uniform routing would touch {E * (1 - (1 - k / E) ** args.compare_at):.1f} of {E} experts at "
+                    f"{args.compare_at} tokens."]
     return out
 
 
