@@ -375,6 +375,7 @@ def transformers_cb(model_dir: Path, reqs: list[Req], concurrency: int, args) ->
     """transformers' continuous batching on the plain model, no LoRA: a closed loop of
     ``concurrency`` requests in flight (one added as one finishes), per-token timestamps; stopped
     after --cb-limit-s (then the requests finished by then count)."""
+    import importlib.util
     import inspect
 
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -384,11 +385,15 @@ def transformers_cb(model_dir: Path, reqs: list[Req], concurrency: int, args) ->
     page, max_len = 256, args.prompt_lens[1] + args.output_lens[1]
     # as our engine: at most `concurrency` sequences, prompt chunks within the prefill budget, no prefix sharing
     wanted = dict(max_requests_per_batch=concurrency, allow_block_sharing=False, max_batch_tokens=args.max_prefill_tokens + concurrency,
-                  num_blocks=concurrency * math.ceil(max_len / page) + 8, page_size=page)
+                  num_blocks=concurrency * math.ceil(max_len / page) + 8, page_size=page,
+                  # flash attention where it is installed; never fetched from the Hub (the device has no network)
+                  auto_switch_to_flash=importlib.util.find_spec("flash_attn") is not None)
     kwargs = {}
     try:
         from transformers import ContinuousBatchingConfig
 
+        if "continuous_batching_config" not in inspect.signature(model.init_continuous_batching).parameters:
+            raise ImportError
         fields = set(inspect.signature(ContinuousBatchingConfig).parameters)
         kwargs["continuous_batching_config"] = ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if k in fields})
     except ImportError:  # earlier transformers 5 read these from the generation config
@@ -436,7 +441,8 @@ def transformers_cb(model_dir: Path, reqs: list[Req], concurrency: int, args) ->
             trace.error = out.error or f"{n} tokens, asked for {r.max_tokens}"
         traces.append(trace)
     cut = f" (stopped at {args.cb_limit_s:.0f} s: {len(traces)} of {len(reqs)} requests)" if len(traces) < len(reqs) else ""
-    row = summarize(f"transformers continuous batching, no LoRA{cut}", concurrency, traces, t0, latency=stamps)
+    row = summarize(f"transformers continuous batching, no LoRA{cut}", concurrency, traces, t0, latency=stamps,
+                    attention=model.config._attn_implementation)
     manager = model = None  # the model's memory back before the next part
     _free()
     return row

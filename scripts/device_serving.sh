@@ -60,10 +60,10 @@ bench() {  # PART TIME_LIMIT_S BUDGET_S ARGS...
 [ $# -eq 0 ] && set -- 100 http 0 50
 for part in "$@"; do
   case "$part" in
-    100) bench 100 220 150 --gpu-experts-ratio 1 --parts levels,adapters,nolora,alone,cb --cb-limit-s 60 ;;
+    100) bench 100 240 150 --gpu-experts-ratio 1 --parts levels,adapters,nolora,alone,cb --repeat 2 --cb-limit-s 45 ;;
     http)
       if python3 -c "import fastapi, uvicorn, httpx, pydantic, prometheus_client, psutil" 2>/dev/null; then
-        bench http 150 60 --gpu-experts-ratio 1 --parts arrivals --rss --http
+        bench http 150 75 --gpu-experts-ratio 1 --parts arrivals --rss --http --repeat 2
       else
         echo "http: fastapi / uvicorn / httpx / pydantic / prometheus_client / psutil missing here; carry .device/serve" \
              "(scripts/device_serving.sh carry on the dev box)" | tee "$OUT/serving_http.log"
