@@ -93,6 +93,19 @@ def test_output_equal_to_or_inside_an_input_is_refused(tmp_path):
         assert tree(tmp_path) == before, args  # the adapter and its README untouched
 
 
+def test_export_replaces_only_an_adapter_folder(tmp_path):
+    src = per_expert(tmp_path)
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    refused(cli("export-peft", src, "-o", mine, "--no-progress"), str(mine), "a folder that also holds 'thesis.tex'")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    earlier = tmp_path / "peft"
+    for _ in range(2):  # an earlier export is replaced
+        assert cli("export-peft", src, "-o", earlier, "--no-progress").exit_code == 0
+    assert sorted(p.name for p in earlier.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
 def test_output_inside_the_base_model_is_refused(tmp_path, model_dir):
     src, base = per_expert(tmp_path), model_dir("qwen3_moe")
     before = tree(base)
@@ -143,12 +156,14 @@ def test_unwritable_output_names_the_path_given(tmp_path):
     src = per_expert(tmp_path)
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    cases = [("convert", blocker / "x.safetensors"), ("export-peft", blocker / "peft")]
+    cases = [("convert", blocker / "x.safetensors"), ("export-peft", blocker / "peft"),
+             ("convert", tmp_path / ("a" * 300 + ".safetensors")), ("export-peft", tmp_path / "new" / ("p" * 300))]
     if Path("/proc").is_dir():  # a file system where nothing new can be created
         cases += [("convert", Path("/proc/x.safetensors")), ("export-peft", Path("/proc/x_peft"))]
     for cmd, out in cases:
         line = refused(cli(cmd, src, "-o", out, "--no-progress"), str(out), "an output path that can be written")
         assert ".tmp-" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "adapter"]  # no temporary, no folder made
 
 
 def test_disk_full_is_one_line_exit_1_naming_the_output(tmp_path, monkeypatch):

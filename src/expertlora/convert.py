@@ -25,6 +25,8 @@ DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Output names and the format a reader takes them for (formats.open_adapter decides by suffix).
 _PT_SUFFIXES = (".pt", ".pth")
 _PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".ckpt")
+# What an output folder (export-peft's, convert's non-expert sidecar) may hold to be replaced.
+_PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 
 
 def sidecar_path(out: Path) -> Path:
@@ -187,11 +189,16 @@ def _staged(final: Path | None, is_dir: bool = False):
     if final is None:
         yield None
         return
-    if final.exists() and final.is_dir() != is_dir:
+    if _exists(final) and final.is_dir() != is_dir:
         want, found = ("a directory", "a file") if is_dir else ("a file", "a directory")
         raise AdapterError(final, None, f"{want} path for the output", f"an existing {found}")
-    made = [p for p in reversed(final.parents) if not p.exists()]
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if is_dir and _exists(final) and final.is_dir() and not final.is_symlink():
+        # replacing it deletes what it holds: only a PEFT adapter folder (an earlier output) goes
+        other = next((p.name for p in final.iterdir() if p.name not in _PEFT_FILES), None)
+        if other is not None:
+            raise AdapterError(final, "-o", "a new folder, or a PEFT adapter folder to replace", f"a folder that also holds {other!r}")
+    made = [p for p in reversed(final.parents) if not _exists(p)]
+    tmp = temporary_beside(final)
     try:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -208,17 +215,35 @@ def _staged(final: Path | None, is_dir: bool = False):
     except BaseException:
         _remove(tmp)
         for p in reversed(made):
-            if p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
+            try:
+                if p.is_dir() and not any(p.iterdir()):
+                    p.rmdir()
+            except OSError:
+                pass
         raise
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError:  # a name too long, say: nothing is there
+        return False
 
 
 def _within(p: Path, folder: Path) -> bool:
     return p == folder or folder in p.parents
 
 
+def temporary_beside(final: Path) -> Path:
+    """A hidden temporary name in ``final``'s folder, short enough for any file system."""
+    return final.with_name(f".{final.name[:100]}.tmp-{os.getpid()}")
+
+
 def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+    try:  # cleaning up after a failure must not raise in its place
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError:
+        pass

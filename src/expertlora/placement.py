@@ -61,7 +61,7 @@ class RoutingStats:
                 "counts": {str(L): c for L, c in sorted(self.counts.items())}}
         from .formats.canonical import output_error
 
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f".{path.name[:100]}.tmp-{os.getpid()}")
         try:
             if path.is_dir():
                 raise AdapterError(path, None, "a file path for the routing stats", "an existing directory")
@@ -71,7 +71,10 @@ class RoutingStats:
         except OSError as e:
             raise output_error(path, e) from None  # the path given, not the temporary
         finally:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingStats":
