@@ -368,6 +368,14 @@ def test_adapter_for_modules_the_base_lacks(tmp_path, fused_adapter, model_dir):
         refused(run("--model", qwen3, "--adapter", src, "--prompt-ids", "1,2", "--method", "fp32"), needle, "a linear module of")
         assert not (tmp_path / "out").exists()
     assert cli("inspect", qwen2_adapter, "--base", model_dir("qwen2_moe")).exit_code == 0  # on its own base it is fine
+    # a model type transformers cannot build (remote code): not checked, and said so on one line
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    config = json.loads((qwen3 / "config.json").read_text())
+    (custom / "config.json").write_text(json.dumps({**config, "model_type": "remote_code_moe"}))
+    with pytest.warns(UserWarning, match="model_type 'remote_code_moe' is not one transformers builds; the adapter's 9 non-expert modules are not checked"):
+        result = cli("inspect", qwen2_adapter, "--base", custom, "--quick")
+    assert result.exit_code == 0, result.output
 
 
 def test_load_model_takes_adapter_paths(tmp_path, fused_adapter, model_dir):

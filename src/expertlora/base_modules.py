@@ -10,6 +10,8 @@ a linear layer of the shape its LoRA needs, is an AdapterError naming the module
 from __future__ import annotations
 
 import functools
+import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,17 +24,25 @@ from .model_config import MoEConfig
 MAX_SKELETON_LAYERS = 1024
 
 
-def model_skeleton(model_dir: str | Path) -> torch.nn.Module:
-    """The model of ``model_dir/config.json`` with every tensor on the meta device (cached)."""
+def model_skeleton(model_dir: str | Path) -> torch.nn.Module | None:
+    """The model of ``model_dir/config.json`` with every tensor on the meta device (cached);
+    None when transformers does not know its ``model_type`` (a remote-code model)."""
     return _skeleton(str(Path(model_dir).resolve()))
 
 
 @functools.lru_cache(maxsize=4)
-def _skeleton(model_dir: str) -> torch.nn.Module:
+def _skeleton(model_dir: str) -> torch.nn.Module | None:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     path = Path(model_dir) / "config.json"
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None  # AutoConfig says what is wrong with it
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+        return None
     try:
         config = AutoConfig.from_pretrained(model_dir)
         layers = getattr(config.get_text_config(), "num_hidden_layers", 0)
@@ -53,7 +63,12 @@ def check_base_modules(info: AdapterInfo, base: MoEConfig, modules: dict[str, Mo
     has no non-expert modules or ``base`` has no path."""
     if not info.modules or base.path is None:
         return
-    check_modules(info, model_skeleton(base.path.parent), modules, str(base.path))
+    model = model_skeleton(base.path.parent)
+    if model is None:
+        warnings.warn(f"{base.path}: model_type {base.model_type!r} is not one transformers builds; the adapter's "
+                      f"{len(info.modules)} non-expert modules are not checked against the base", stacklevel=2)
+        return
+    check_modules(info, model, modules, str(base.path))
 
 
 def check_modules(info: AdapterInfo, model: torch.nn.Module, modules: dict[str, ModuleLoRA] | None = None,

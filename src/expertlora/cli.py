@@ -53,6 +53,11 @@ def _internal(where: str, e: BaseException):
           f"not a problem with the input: please report it (set {TRACEBACK_ENV}=1 for the traceback)", 1)
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line, ``warning: ...``, without Python's source location."""
+    return f"warning: {_one_line(str(message))}\n"
+
+
 def _os_error(e: OSError) -> str:
     where = e.filename if e.filename is not None else None
     reason = e.strerror or str(e)
@@ -65,6 +70,7 @@ class _Group(TyperGroup):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        warnings.formatwarning = _warning_line
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click_errors.NoArgsIsHelpError as e:  # the help, as click shows it
