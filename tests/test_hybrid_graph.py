@@ -117,6 +117,33 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
+def test_host_nodes_in_a_replayed_graph():
+    """The mechanism alone: a graph copies its input to the host, a worker computes on it between
+    the two host nodes, the graph adds the result back; five replays with fresh inputs."""
+    x = torch.zeros(4, 8, device="cuda")
+    x_h, out_h = torch.empty(4, 8, pin_memory=True), torch.empty(4, 8, pin_memory=True)
+    part = GraphCpuPart(lambda call: call.x * 3 + call.layer)
+    ready, done = Semaphore(), Semaphore()
+    call = HostCall(7, x_h, x_h, x_h, None, out_h, ready, done)
+    from expertlora.host_nodes import launch_host
+
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        stream = torch.cuda.current_stream()
+        x_h.copy_(x, non_blocking=True)
+        launch_host(stream, "post", ready)
+        gpu = x * 2
+        launch_host(stream, "wait", done)
+        y = gpu + out_h.to("cuda", non_blocking=True)
+    for i in range(5):
+        fresh = torch.randn(4, 8, generator=torch.Generator().manual_seed(i))
+        x.copy_(fresh)
+        part.replay([call], graph)
+        assert torch.allclose(y.cpu(), fresh * 5 + 7)
+
+
+@cuda
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("ratio", [0.0, 0.5])
 def test_engine_hybrid_graph_decode_equals_eager(family, ratio, model_dir, fused_adapter):
@@ -132,7 +159,9 @@ def test_engine_hybrid_graph_decode_equals_eager(family, ratio, model_dir, fused
                               max_num_seqs=4, max_model_len=48, cuda_graphs=graphs)
         with Engine(config) as e:
             assert e.runner.graphs == graphs
-            results[graphs] = [o.token_ids for o in e.generate(prompts, adapters, s)]
+            outs = e.generate(prompts, adapters, s)
+            assert all(o.error is None for o in outs), outs[0].error
+            results[graphs] = [o.token_ids for o in outs]
     assert results[True] == results[False]
 
 

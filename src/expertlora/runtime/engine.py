@@ -18,7 +18,7 @@ import itertools
 import os
 import threading
 import time
-import traceback
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -44,6 +44,7 @@ from .runner import ModelRunner
 from .sampler import new_generator, sample
 from .scheduler import Scheduler
 
+log = logging.getLogger(__name__)
 Prompt = str | Sequence[int] | Sequence[dict]
 MAX_CHAT_MESSAGES = 1024
 
@@ -275,8 +276,9 @@ class Engine:
                 return
             try:
                 self._step()
-            except Exception:  # a failed step ends the requests in it, not the engine
-                message = traceback.format_exc(limit=3).strip().splitlines()[-1]
+            except Exception as e:  # a failed step ends the requests in it, not the engine
+                log.exception("engine step failed; its requests are aborted")
+                message = f"{type(e).__name__}: {e}".splitlines()[0]
                 for r in list(self.scheduler.running):
                     self._finish(r, "abort", error=message)
 

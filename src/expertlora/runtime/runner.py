@@ -7,8 +7,8 @@ BatchAdapters for the duration of the call.
 
 Decode-only steps on a GPU model (bf16 GPU experts) replay CUDA graphs, one per (batch size,
 cached length) bucket, whatever share of the experts lives on the GPU: a layer's CPU experts run
-inside the graph through host nodes (hybrid_graph.py). The step's rows are the step's rows are copied into the graph's static
-buffers (token, position, cache slot, cached length, adapter slot), padding rows point at the
+inside the graph through host nodes (hybrid_graph.py). The step's rows are copied into the
+graph's static buffers (token, position, cache slot, cached length, adapter slot), padding rows point at the
 cache's pad slot with no adapter, and the graph replays the whole forward, mixed adapters
 included. A graph is captured on the first step of its bucket and dropped when the set of
 adapters changes (it holds their tensors).
@@ -31,6 +31,9 @@ GRAPH_MIN_CACHED = 128  # cached lengths are bucketed by powers of two from here
 
 @dataclass
 class _StepGraph:
+    """A captured step and every tensor allocated outside the graph that it reads: they must live
+    as long as it does (freed, their memory would go to other tensors while the graph still reads it)."""
+
     graph: torch.cuda.CUDAGraph
     input_ids: torch.Tensor  # [1, B]
     positions: torch.Tensor  # [1, B]
@@ -38,6 +41,7 @@ class _StepGraph:
     lengths: torch.Tensor  # [B]
     adapter_slots: torch.Tensor  # [B]
     logits: torch.Tensor  # [B, V]
+    rows: torch.Tensor  # [B] the logits rows kept (all)
     host_calls: list  # the CPU experts' captured calls (hybrid), run by the graph worker on replay
 
 
@@ -141,7 +145,7 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = step()
         calls = part.take_captured() if part is not None else []
-        return _StepGraph(graph, ids, positions, slots, lengths, adapters, logits, calls)
+        return _StepGraph(graph, ids, positions, slots, lengths, adapters, logits, rows, calls)
 
 
 def _fill(static: torch.Tensor, values: torch.Tensor, pad: int) -> None:
