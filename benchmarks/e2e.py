@@ -15,8 +15,8 @@ short warm-up first (PEFT's row does not: one step takes seconds).
 
 With --device cuda, transformers and PEFT run wholly on the GPU, and expertlora (bf16) runs the
 non-expert layers there with --gpu-shares percent of each layer's experts (uniform placement),
-the rest on the CPU engine. With every expert on the GPU, a further row decodes with
-decode.greedy_decode, each step replayed as one CUDA graph.
+the rest on the CPU engine. A further row per share decodes with decode.greedy_decode, each step
+replayed as one CUDA graph (the CPU experts inside it through host nodes).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from expertlora import MoEConfig, load_adapter
+from expertlora.decode import graph_ready
 from expertlora.integration import load_model
 from expertlora.placement import gpu_masks
 from moe_layer import cpu_name, emit  # this folder is on sys.path when a benchmark runs as a script
@@ -151,7 +152,7 @@ def main():
                 lm.use([name])
                 rows.append((f"expertlora {'+ adapter' if name else 'no adapter'}{label}", method, *speeds(lm.model, prompt, args.new_tokens)))
                 print(rows[-1], flush=True)
-                if args.device != "cpu" and placement["gpu_masks"] and all(bool(m.all()) for m in placement["gpu_masks"].values()):
+                if args.device != "cpu" and graph_ready(lm):  # every GPU share: CPU experts run in the graph via host nodes
                     try:
                         rows.append((f"{rows[-1][0]}, decode step as one CUDA graph", method, rows[-1][2],
                                      graph_decode_speed(lm, prompt, args.new_tokens)))

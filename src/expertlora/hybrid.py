@@ -31,6 +31,7 @@ import torch
 from .engine import MoELoRAEngine, available_cores
 from .experts import ExpertWeights
 from .gpu import GpuMoELoRA
+from .hybrid_graph import GraphCpuPart
 from .gpu_prefill import GpuPrefill
 from .lora import ExpertLoRA
 
@@ -57,6 +58,7 @@ class HybridMoE:
         self.worker = worker  # None: for batches of WORKER_TOKENS
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts") if worker is not False else None
         self._host: dict[str, torch.Tensor] = {}  # pinned staging buffers, grown as needed
+        self.graph_part: GraphCpuPart | None = None  # set by enable_graphs()
         self._slots_source = self._slots_device = None
         self.prefill: GpuPrefill | None = None  # set by enable_gpu_prefill
 
@@ -102,6 +104,23 @@ class HybridMoE:
             hybrid.enable_gpu_prefill(gpu_prefill_threshold)
         return hybrid
 
+    def enable_graphs(self) -> str | None:
+        """Let steps with CPU experts be captured in CUDA graphs (through host nodes); returns
+        None when they can be, else why not. Replay such graphs with ``graph_part.replay``."""
+        from .host_nodes import host_nodes_available
+
+        if self.gpu.device.type != "cuda" or not self.gpu.graphs:
+            return "CUDA graphs need the GPU experts in bf16 on a CUDA device"
+        reason = host_nodes_available()
+        if reason is None and self.graph_part is None:
+            self.graph_part = GraphCpuPart(self._run_host_call)
+        return reason
+
+    def _run_host_call(self, call) -> torch.Tensor:
+        """A captured layer call's CPU part, on its pinned buffers (the graph worker's thread)."""
+        ids = self.gpu.elsewhere(call.layer, call.ids) if self.gpu.num_resident(call.layer) else call.ids
+        return self.cpu.forward(call.layer, call.x, ids, call.weights, call.slots)
+
     def prepare_adapter(self, adapter: ExpertLoRA) -> dict:
         return self.cpu.prepare_adapter(adapter)
 
@@ -134,6 +153,15 @@ class HybridMoE:
         on_gpu = self.gpu.num_resident(layer)
         if on_gpu < E and self.prefill is not None and self.prefill.runs(x):
             return self._on_gpu_only(layer, x, topk_ids, topk_weights, token_slots, on_gpu)
+        graphs = self.graph_part
+        if graphs is not None and on_gpu < E:  # a decode step as one CUDA graph (hybrid_graph.py)
+            if torch.cuda.is_current_stream_capturing():
+                def gpu_part():
+                    return self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device)) if on_gpu else None
+
+                return graphs.capture(layer, x, topk_ids, topk_weights, token_slots, gpu_part).to(x.dtype)
+            if graphs.preparing:
+                graphs.prepare(layer, x, topk_ids, topk_weights)
         if on_gpu == 0:
             return self._cpu_part(layer, x, topk_ids, topk_weights, token_slots)().to(x.device, non_blocking=True)
         cpu_part = None
@@ -168,6 +196,8 @@ class HybridMoE:
         """Queue the host copies of the CPU engine's inputs; returns the call that waits for
         them and runs the engine, giving its [T, H] result (in a pinned buffer with a GPU)."""
         x_h, ids_h, w_h = (self._staged(name, t) for name, t in (("x", x), ("ids", ids), ("w", weights)))
+        if token_slots is not None:  # on the GPU in a graph engine's warm-up steps (BatchAdapters.set_static)
+            token_slots = self._staged("slots", token_slots)
         copied = out = None
         if x.is_cuda:
             copied = torch.cuda.Event()

@@ -38,18 +38,31 @@ class BatchAdapters:
         self.set(None)
 
     def set(self, seq_slots: torch.Tensor | None) -> None:
-        """``seq_slots`` [B]: each sequence's slot, NO_ADAPTER for none; None: no adapters."""
+        """``seq_slots`` [B]: each sequence's slot, NO_ADAPTER for none; None: no adapters.
+        (A packed batch passes one slot per token: each token is then a sequence of one.)"""
         self.seq_slots = seq_slots
         distinct = [NO_ADAPTER] if seq_slots is None else seq_slots.unique().tolist()
         # The slot every token shares (NO_ADAPTER: none has one), else None: the batch mixes.
         self.shared_slot = distinct[0] if len(distinct) == 1 else None
         self._token_slots: dict[int, torch.Tensor] = {}
+        self._static: torch.Tensor | None = None
+
+    def set_static(self, token_slots: torch.Tensor) -> None:
+        """A packed step whose experts all run on ``token_slots``' device (a CUDA graph step):
+        every layer gets this very tensor, whatever device it asks for, and the batch counts as
+        mixed without reading the values, so nothing waits on the device."""
+        self.set(None)
+        self.seq_slots, self.shared_slot, self._static = token_slots, None, token_slots
 
     def token_slots(self, num_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """Per-token slots for the B * S tokens of the batch in flattened (sequence-major) order,
         on ``device``; None when no sequence has an adapter."""
         if self.shared_slot == NO_ADAPTER:
             return None
+        if self._static is not None:
+            if num_tokens != self._static.numel():
+                raise ValueError(f"{num_tokens} tokens, but the step has {self._static.numel()} slots")
+            return self._static
         device = torch.device(device)
         key = (num_tokens, device)
         if key not in self._token_slots:  # once per forward, not once per layer
