@@ -524,9 +524,17 @@ def test_control_characters_in_names_are_escaped(tmp_path, evil):
     src = per_expert(tmp_path, extra_tensors={key: torch.zeros(2)})
     for cmd in ("inspect", "convert", "export-peft"):
         args = [cmd, src] + (["-o", tmp_path / f"out_{cmd}"] if cmd != "inspect" else [])
-        line = assert_error(cli(*args), "another tensor")
+        line = assert_error(cli(*args), "printable characters")
         assert "\x1b" not in line and "\u202e" not in line and "\r" not in line
         assert "\\n" in line or "\\x1b" in line or "\\u2028" in line or "\\r" in line or "\\u202e" in line
+
+
+def test_name_with_a_final_newline(tmp_path):
+    # "$" in a key regex matches before a final "\n": "layers.1.experts.down_lora_a\n" was read as the real key
+    t = stacked_tensors()
+    t[tensor_key(1, "down", "a") + "\n"] = t.pop(tensor_key(1, "down", "a"))
+    src = write_canonical(tmp_path / "canon.safetensors", t)
+    all_refused(src, tmp_path, "canon.safetensors", "layers.1.experts.down_lora_a\\n", "printable characters")
 
 
 def test_control_characters_in_config_values(tmp_path):

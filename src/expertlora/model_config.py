@@ -63,7 +63,7 @@ class MoEConfig:
         if top.has("text_config"):  # multimodal configs: the language model's sizes
             cfg = {**top.mapping("text_config"), **cfg}
         f = Fields(cfg, where)
-        num_experts = _first(f, _NUM_EXPERTS_KEYS, MAX_EXPERTS)
+        num_experts = _first(f, _NUM_EXPERTS_KEYS, MAX_EXPERTS, aliases=True)
         if num_experts is None:
             raise AdapterError(where, "num_experts", f"a MoE config with one of {list(_NUM_EXPERTS_KEYS)}", "none")
         intermediate = _first(f, _INTERMEDIATE_KEYS, MAX_INTERMEDIATE)
@@ -92,10 +92,18 @@ class MoEConfig:
         return cls.from_dict(read_json_object(path), path)
 
 
-def _first(f: Fields, keys: tuple[str, ...], hi: int) -> int | None:
-    """The first of ``keys`` set to a non-zero value (0 / null mean "not this one"), checked."""
-    for key in keys:
-        value = f.data.get(key)
+def _first(f: Fields, keys: tuple[str, ...], hi: int, aliases: bool = False) -> int | None:
+    """The first of ``keys`` set to a non-zero value (0 / null mean "not this one"), checked.
+    ``aliases``: the keys name one value (transformers maps them onto each other), so two of
+    them present must agree, null and 0 included."""
+    present = [k for k in keys if k in f.data]
+    if aliases and len(present) > 1:
+        first = present[0]
+        for key in present[1:]:
+            if f.data[key] != f.data[first] or type(f.data[key]) is not type(f.data[first]):
+                raise f.error(key, f"the value of {first} ({describe(f.data[first])}), which it names too", f.data[key])
+    for key in present:
+        value = f.data[key]
         if value is None or (value == 0 and not isinstance(value, bool)):
             continue
         return f.integer(key, hi=hi)

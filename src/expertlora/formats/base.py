@@ -59,6 +59,8 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, tuple[
         for key in f.keys():
             if len(key) > MAX_KEY:
                 raise AdapterError(path, key, f"a tensor name of at most {MAX_KEY} characters", f"{len(key)} characters")
+            if not key.isprintable() or " " in key:  # a module path: no spaces, controls or newlines
+                raise AdapterError(path, key, "a tensor name of printable characters without spaces", "other characters")
             sl = f.get_slice(key)
             header[key] = (sl.get_dtype(), tuple(sl.get_shape()))
     return meta, header

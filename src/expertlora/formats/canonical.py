@@ -26,7 +26,8 @@ from .base import SAFETENSORS_DTYPES, AdapterReader, check_dtypes, check_shape, 
 
 FORMAT_TAG = "expertlora/1"
 KT_FILE_NAME = "fused_expert_lora.safetensors"
-_KEY = re.compile(r"^layers\.(?P<layer>[0-9]+)\.experts\.(?P<proj>gate|up|down)_lora_(?P<ab>[ab])$")
+# \Z, not $: "$" also matches before a final newline, and would take "...lora_a\n"
+_KEY = re.compile(r"^layers\.(?P<layer>[0-9]+)\.experts\.(?P<proj>gate|up|down)_lora_(?P<ab>[ab])\Z")
 _META_CHOICES = {"use_rslora": ("true", "false"), "orientation": ("new", "old"), "expert_naming": ("mlp", "block_sparse_moe")}
 
 

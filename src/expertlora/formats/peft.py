@@ -30,13 +30,13 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 _PER_EXPERT = re.compile(
     r"^(?P<module>(?:.*\.)?layers\.(?P<layer>[0-9]+)\.(?P<block>mlp|block_sparse_moe)\.(?:original_moe\.)?"
-    r"experts\.(?P<expert>[0-9]+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2))\.lora_(?P<ab>[AB])\.weight$"
+    r"experts\.(?P<expert>[0-9]+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2))\.lora_(?P<ab>[AB])\.weight\Z"
 )
 _FUSED = re.compile(
     r"^(?P<module>(?:.*\.)?layers\.(?P<layer>[0-9]+)\.mlp\.(?:original_moe\.)?experts)\."
-    r"(?P<nest>(?:base_layer\.)*)lora_(?P<ab>[AB])\.weight$"
+    r"(?P<nest>(?:base_layer\.)*)lora_(?P<ab>[AB])\.weight\Z"
 )
-_LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight\Z")
 _PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 # The 3D expert parameters of transformers 5, in their definition order (which sets the nesting).
 _FUSED_PARAMS = ("gate_up_proj", "down_proj")

@@ -19,7 +19,7 @@ from ..model_config import MAX_LAYERS
 from .base import SAFETENSORS_DTYPES, AdapterReader, check_finite, check_shape, duplicate, parse_index
 
 _NAMES = [f"{p}_lora_{ab}" for p in PROJECTIONS for ab in "ab"]
-_LAYER_KEY = re.compile(r"^layer_(?P<layer>[0-9]+)$")
+_LAYER_KEY = re.compile(r"^layer_(?P<layer>[0-9]+)\Z")
 _FLOAT_DTYPES = frozenset(SAFETENSORS_DTYPES.values())
 _ZIP_MAGIC = b"PK\x03\x04"
 # metadata entries that restate sizes: each must agree with the tensors when present
