@@ -131,6 +131,8 @@ class HybridMoE:
         """The CPU kernel's argument lists and the GPU's LoRA stacks for the new set of adapters."""
         self.cpu.adapters_changed()
         self.gpu.adapters_changed()
+        if self.prefill is not None:
+            self.prefill.adapters_changed()
 
     def unload_adapter(self, name: str) -> None:
         self.cpu.unload_adapter(name)
@@ -151,17 +153,18 @@ class HybridMoE:
     ) -> torch.Tensor:  # [T, H] in x's dtype
         E = self.cpu.slots.shape[0]
         on_gpu = self.gpu.num_resident(layer)
-        if on_gpu < E and self.prefill is not None and self.prefill.runs(x):
-            return self._on_gpu_only(layer, x, topk_ids, topk_weights, token_slots, on_gpu)
         graphs = self.graph_part
-        if graphs is not None and on_gpu < E:  # a decode step as one CUDA graph (hybrid_graph.py)
-            if torch.cuda.is_current_stream_capturing():
+        in_graph = graphs is not None and on_gpu < E and (graphs.preparing or torch.cuda.is_current_stream_capturing())
+        if in_graph:  # a step as one CUDA graph (hybrid_graph.py), whatever its size: never GPU prefill
+            if graphs.preparing:
+                graphs.prepare(layer, x, topk_ids, topk_weights)
+            else:
                 def gpu_part():
                     return self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device)) if on_gpu else None
 
                 return graphs.capture(layer, x, topk_ids, topk_weights, token_slots, gpu_part).to(x.dtype)
-            if graphs.preparing:
-                graphs.prepare(layer, x, topk_ids, topk_weights)
+        elif on_gpu < E and self.prefill is not None and self.prefill.runs(x):
+            return self._on_gpu_only(layer, x, topk_ids, topk_weights, token_slots, on_gpu)
         if on_gpu == 0:
             return self._cpu_part(layer, x, topk_ids, topk_weights, token_slots)().to(x.device, non_blocking=True)
         cpu_part = None

@@ -35,6 +35,7 @@ class EngineConfig:
     backend: str = "cpu"
     kt_weight_path: Path | None = None
     group_size: int | None = None
+    gpu_prefill_threshold: int | None = None  # None: the method's measured default on a GPU; 0: off
     max_num_seqs: int = 64
     max_model_len: int | None = None
     max_prefill_tokens: int = 1024  # prompt tokens per step: longer prompts are prefilled in chunks
@@ -58,6 +59,8 @@ class EngineConfig:
         for name, value in (("max_model_len", self.max_model_len), ("threads", self.threads), ("group_size", self.group_size)):
             if value is not None:
                 _check_int(name, value, 1, MAX_TOKENS_BOUND)
+        if self.gpu_prefill_threshold is not None:
+            _check_int("gpu_prefill_threshold", self.gpu_prefill_threshold, 0, MAX_TOKENS_BOUND)
         if self.kv_cache_memory is not None:
             _check_int("kv_cache_memory", self.kv_cache_memory, 1, 1 << 50)
         if self.gpu_experts_ratio is not None and not (isinstance(self.gpu_experts_ratio, (int, float)) and math.isfinite(self.gpu_experts_ratio) and 0 <= self.gpu_experts_ratio <= 1):
