@@ -40,18 +40,24 @@ def random_ids(length: int, seed: int) -> list[int]:
     return torch.randint(2, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def as_text(ids: list[int]) -> str:
-    return " ".join(f"t{i}" for i in ids)
+def as_text(ids) -> str:
+    """What the tiny tokenizer decodes ``ids`` to (its special tokens 0 and 1 skipped)."""
+    return " ".join(f"t{i}" for i in ids if i >= 2)
 
 
 def peft_greedy(model, prompt: list[int], max_tokens: int, base: bool = False) -> list[int]:
+    """transformers + PEFT's greedy tokens, up to and with the first end-of-sequence token (as the
+    engine stops, when the request does not ignore EOS)."""
     from contextlib import nullcontext
 
     x = torch.tensor([prompt])
     with torch.no_grad(), (model.disable_adapter() if base else nullcontext()):
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
-                             min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    tokens = out[0, len(prompt):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    ends = [i for i, t in enumerate(tokens) if t in eos]
+    return tokens[: ends[0] + 1] if ends else tokens
 
 
 def sse_events(lines) -> list[dict | str]:

@@ -29,6 +29,7 @@ from expertlora.runtime import Engine, EngineConfig, SamplingParams  # noqa: E40
 from expertlora.serve import Server, ServeConfig  # noqa: E402
 from expertlora.serve.errors import APIError  # noqa: E402
 
+from .conftest import FAMILIES
 from .serve_helpers import as_text, build_model, metric, peft_greedy, random_ids, sse_events  # noqa: E402
 
 MAX_MODEL_LEN = 2048
@@ -168,12 +169,25 @@ def test_sampling_settings_reach_the_engine(served, client):
     assert sampled[123] != sampled[456]
     # a stop string ends the text before it, with finish_reason stop
     full = complete(client, "tiny", prompt, 12).choices[0]
-    stop = f" t{full.token_ids[4]}"
+    stop = " t" + str(next(t for t in full.token_ids[3:] if t >= 2))  # a word of the text (0 and 1 decode to nothing)
     r = complete(client, "tiny", prompt, 12, stop=[stop]).choices[0]
     assert r.finish_reason == "stop" and r.text == full.text[: full.text.index(stop)]
     # stop_token_ids: the token ends the output and is kept in token_ids
     r = complete(client, "tiny", prompt, 12, extra_body={"stop_token_ids": [full.token_ids[3]]}).choices[0]
     assert r.finish_reason == "stop" and r.token_ids == full.token_ids[: full.token_ids.index(full.token_ids[3]) + 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_over_http_equals_peft(family, model_dir, fused_adapter):
+    """fp32 greedy over HTTP, the base and an adapter in one server: transformers + PEFT's tokens."""
+    adapter_dir, peft_model, _ = fused_adapter(family)
+    prompt = random_ids(6, seed=random.randrange(1 << 30))
+    config = EngineConfig(model_dir(family), method="fp32", adapters={"a": adapter_dir}, max_model_len=64, threads=1)
+    with Engine(config) as engine, Server(engine, ServeConfig(port=0, served_model_name="m")) as server:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+        base, adapted = (complete(c, model, prompt, 6, extra_body={"ignore_eos": False}).choices[0].token_ids for model in ("m", "m:a"))
+    assert base == peft_greedy(peft_model, prompt, 6, base=True)
+    assert adapted == peft_greedy(peft_model, prompt, 6)
 
 
 # -- adapters at runtime ----------------------------------------------------------------------------
@@ -504,7 +518,7 @@ def test_metrics_count_each_adapter(served):
 def test_stop_drains_then_aborts(served):
     engine = served.engine
     prompt = random_ids(4, seed=random.randrange(1 << 30))
-    body = {"model": "tiny", "prompt": prompt, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {"model": "tiny", "prompt": prompt, "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
     # 1. a running request finishes within the timeout; meanwhile new requests get 503
     server = Server(engine, ServeConfig(port=0, served_model_name="tiny")).start()
     url = server.url
@@ -520,7 +534,7 @@ def test_stop_drains_then_aborts(served):
         events = sse_events([first, *lines])
     stopper.join(30)
     assert not stopper.is_alive() and events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
-    assert sum(len(e["choices"][0]["text"].split()) for e in events[:-1]) == 400
+    assert sum(len(e["choices"][0]["token_ids"]) for e in events[:-1]) == 400
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
     # 2. with no time left, the running request is aborted and its stream still ends cleanly
@@ -569,3 +583,34 @@ def test_readme_serve_example(served, capsys):
     code = code.replace("http://127.0.0.1:8000", served.url).replace('"my-model:math"', '"tiny:alpha"').replace('model="code"', 'model="alpha"')
     exec(code, {})
     assert capsys.readouterr().out.strip()
+
+
+def test_serve_command_bad_options(served, tmp_path):
+    """Bad options: one line and exit code 2, before anything listens; a port in use: exit code 1."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from expertlora.cli import app
+
+    alpha = served.adapters["alpha"][0]
+    model = ["serve", "--model", str(served.model_dir), "--port", "0", "--no-progress"]
+    taken = socket.create_server(("127.0.0.1", 0))
+    cases = [
+        (["serve", "--model", str(tmp_path / "missing"), "--port", "0"], 2, "missing"),
+        ([*model, "--adapter-dir", str(tmp_path / "nope")], 2, "adapter_dirs: .*nope: expected an existing folder"),
+        ([*model[:-2], "70000"], 2, r"port: expected an integer in \[0, 65535\]"),
+        ([*model, "--served-model-name", "a", "--adapter", f"a={alpha}"], 2, "the base model's served name"),
+        ([*model, "--adapter", f"a={alpha}", "--adapter", f"a={alpha}"], 2, "two adapters share a name"),
+        ([*model, "--adapter", f"a={alpha}", "--kt-moe-lora-rank", "3"], 2, "expected rank 3 .*found 4"),
+        ([*model, "--max-num-seqs", "0"], 2, "max_num_seqs"),
+        ([*model[:-2], str(taken.getsockname()[1])], 1, "127.0.0.1:.*(in use|Address)"),
+    ]
+    try:
+        for args, code, message in cases:
+            result = CliRunner().invoke(app, args)
+            lines = [line for line in result.output.splitlines() if line.strip()]
+            assert result.exit_code == code and len(lines) == 1 and lines[0].startswith("error: "), (args, result.output)
+            assert re.search(message, lines[0]), lines[0]
+    finally:
+        taken.close()

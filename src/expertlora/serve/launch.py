@@ -38,15 +38,24 @@ def serve(
         engine_config, serve_config = _configs(model, adapters, served_model_name, host, port, api_key, adapter_dirs,
                                                max_body_bytes, shutdown_timeout, engine_options)
         _check_seed_flags(engine_config, lora_rank, lora_alpha)
-        engine = _engine(engine_config, progress, err)
     except ValueError as e:  # AdapterError included
         return _fail(err, str(e), 2)
-    except OSError as e:
-        return _fail(err, str(e), 1)
-    from .server import Server
+    from .server import Server, bind
 
+    try:  # before the model loads: a port in use is said at once
+        sock = bind(serve_config)
+    except OSError as e:
+        return _fail(err, f"{host}:{port}: {e.strerror or e}", 1)
     try:
-        server = Server(engine, serve_config, log_level=log_level)
+        engine = _engine(engine_config, progress, err)
+    except ValueError as e:
+        sock.close()
+        return _fail(err, str(e), 2)
+    except OSError as e:
+        sock.close()
+        return _fail(err, str(e), 1)
+    try:
+        server = Server(engine, serve_config, log_level=log_level, sock=sock)
         names = ", ".join(engine.adapter_names) or "none"
 
         def ready(url: str) -> None:

@@ -54,7 +54,7 @@ async def _generate(state: ServerState, request: Request, body, prompt, chat: bo
     adapter = state.resolve_model(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     handle = await _admit(state, partial(_add_request, state, prompt, adapter, body, chat, request_id))
-    state.inflight.add(handle)
+    state.answering(handle)
     tracker = state.metrics.track(adapter, arrival)
     answer = Answer(request_id, body.model, chat, body.return_token_ids, body.include_usage)
     if body.stream:

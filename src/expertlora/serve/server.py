@@ -25,14 +25,23 @@ from .config import ServeConfig
 _FINISH_ABORTED_S = 5.0  # for aborted requests' last chunks to go out before uvicorn closes connections
 
 
+def bind(config: ServeConfig) -> socket.socket:
+    """A listening socket on the config's host and port (port 0: a free one)."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    return socket.create_server((config.host.strip("[]"), config.port), family=family, backlog=2048)
+
+
 class Server:
     """An OpenAI-compatible HTTP server around one Engine; see the module docstring."""
 
-    def __init__(self, engine: Engine, config: ServeConfig | None = None, log_level: str = "warning"):
+    def __init__(self, engine: Engine, config: ServeConfig | None = None, log_level: str = "warning",
+                 sock: socket.socket | None = None):
+        """``sock``: a socket from ``bind(config)`` (the serve command binds before it loads the
+        model, so a port in use is reported at once); None: bound by ``start``."""
         self.engine, self.config, self.log_level = engine, config or ServeConfig(), log_level
         self.app = create_app(engine, self.config)
         self.state = self.app.state.server
-        self._socket: socket.socket | None = None
+        self._socket = sock
         self._uvicorn = None
         self._thread: threading.Thread | None = None
         self._force = threading.Event()
@@ -50,8 +59,8 @@ class Server:
 
         if self._thread is not None:
             raise RuntimeError("the server is started already")
-        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        self._socket = socket.create_server((self.config.host.strip("[]"), self.config.port), family=family, backlog=2048)
+        if self._socket is None:
+            self._socket = bind(self.config)
         config = uvicorn.Config(self.app, log_level=self.log_level, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=int(_FINISH_ABORTED_S))
         self._uvicorn = uvicorn.Server(config)

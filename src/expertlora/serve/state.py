@@ -3,6 +3,7 @@ blocking engine calls to, the requests it is answering, whether it is draining."
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,8 @@ class ServerState:
         # caller (besides the engine's detokenizer); one adapter thread keeps loads in order.
         self.admission = ThreadPoolExecutor(1, thread_name_prefix="expertlora-admit")
         self.adapter_ops = ThreadPoolExecutor(1, thread_name_prefix="expertlora-adapters")
-        self.inflight: weakref.WeakSet[RequestHandle] = weakref.WeakSet()  # answers being written
+        self._inflight: weakref.WeakSet[RequestHandle] = weakref.WeakSet()  # answers being written
+        self._inflight_lock = threading.Lock()  # the event loop adds, a stopping thread reads
         self.draining = False
 
     def resolve_model(self, model: str) -> str | None:
@@ -63,8 +65,15 @@ class ServerState:
                                 f"({', '.join(map(str, roots))})", "lora_path", "path_not_allowed")
         return resolved
 
+    def answering(self, handle: RequestHandle) -> None:
+        """Note a request whose answer is being written (a stop waits for it, then aborts it)."""
+        with self._inflight_lock:
+            self._inflight.add(handle)
+
     def unfinished(self) -> list[RequestHandle]:
-        return [h for h in list(self.inflight) if not h.finished]
+        with self._inflight_lock:
+            handles = list(self._inflight)
+        return [h for h in handles if not h.finished]
 
     def shutdown_threads(self) -> None:
         self.admission.shutdown(wait=False, cancel_futures=True)
