@@ -416,16 +416,22 @@ def test_queue_full_and_closed_engine_are_503(served, tmp_path):
 def test_concurrent_clients_with_adapters_changing(served):
     """8 clients x 50 requests, streamed and not, over the base, alpha and a third adapter that is
     beta until gamma is loaded midway and beta unloaded: no errors, every greedy result equal to
-    the same request alone, and the run ends by itself."""
+    the same request alone (greedy, or sampled with its own seed), and the run ends by itself."""
     engine, url = served.engine, served.url
     clients, per_client, switch_after = 8, 50, 150
     rng = random.Random(random.randrange(1 << 30))
-    cases = [(random_ids(rng.randint(2, 24), rng.randrange(1 << 30)), rng.randint(2, 12), slot)
-             for slot in ("none", "alpha", "swap") for _ in range(8)]
+    # (prompt, max tokens, adapter slot, sampling seed or None for greedy)
+    cases = [(random_ids(rng.randint(2, 24), rng.randrange(1 << 30)), rng.randint(2, 12), slot, rng.randrange(1 << 30) if k % 3 == 0 else None)
+             for slot in ("none", "alpha", "swap") for k in range(8)]
+
+    def settings(i: int) -> SamplingParams:
+        _, m, _, seed = cases[i]
+        return greedy(m) if seed is None else SamplingParams(max_tokens=m, temperature=0.8, top_k=30, seed=seed, ignore_eos=True)
+
     r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "beta", "lora_path": str(served.adapters["beta"][0])}, timeout=60)
     assert r.status_code == 200
     names = {"none": None, "alpha": "alpha"}
-    expected = {(i, a): alone(engine, p, a, greedy(m)) for i, (p, m, slot) in enumerate(cases)
+    expected = {(i, a): alone(engine, p, a, settings(i)) for i, (p, _, slot, _) in enumerate(cases)
                 for a in ([names[slot]] if slot in names else ["beta"])}
 
     lock = threading.Lock()
@@ -437,17 +443,18 @@ def test_concurrent_clients_with_adapters_changing(served):
         local = random.Random(k)
         for j in range(per_client):
             i = local.randrange(len(cases))
-            prompt, max_tokens, slot = cases[i]
+            prompt, max_tokens, slot, seed = cases[i]
+            sampled = {} if seed is None else {"temperature": 0.8, "seed": seed, "extra_body": {"top_k": 30}}
             with lock:
                 adapter = names[slot] if slot in names else ("beta" if state["phase"] == 1 else "gamma")
                 state["beta_pending"] += adapter == "beta"
             model = {None: "tiny", "alpha": "tiny:alpha" if j % 3 == 0 else "alpha"}.get(adapter, adapter)
             try:
                 if j % 2:
-                    chunks = list(complete(c, model, prompt, max_tokens, stream=True))
+                    chunks = list(complete(c, model, prompt, max_tokens, stream=True, **sampled))
                     got = tuple(t for ch in chunks for t in ch.choices[0].token_ids)
                 else:
-                    got = tuple(complete(c, model, prompt, max_tokens).choices[0].token_ids)
+                    got = tuple(complete(c, model, prompt, max_tokens, **sampled).choices[0].token_ids)
                 with lock:
                     results.append((i, adapter, got))
             except Exception as e:  # noqa: BLE001: every failure is reported below
@@ -480,7 +487,7 @@ def test_concurrent_clients_with_adapters_changing(served):
     assert {a for _, a, _ in results} == {None, "alpha", "beta", "gamma"}
     for i, a, _ in results:
         if a == "gamma" and (i, a) not in expected:
-            expected[(i, a)] = alone(engine, cases[i][0], "gamma", greedy(cases[i][1]))
+            expected[(i, a)] = alone(engine, cases[i][0], "gamma", settings(i))
     wrong = [(i, a) for i, a, got in results if got != expected[(i, a)]]
     assert wrong == [], f"{len(wrong)} results differ from the request alone"
     assert engine.stats().running == 0 and engine.stats().kv_slots_used == 0

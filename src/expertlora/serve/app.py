@@ -2,9 +2,9 @@
 
     app = create_app(engine, ServeConfig(served_model_name="qwen", api_key="..."))
 
-Two plain ASGI layers sit in front of the routes: one bounds a request body (413 past
-``max_body_bytes``, counted as it arrives, whatever Content-Length claims), one answers 503 to
-new work while the server drains for shutdown.
+Three plain ASGI layers sit in front of the routes: one counts error answers for /metrics, one
+bounds a request body (413 past ``max_body_bytes``, counted as it arrives, whatever
+Content-Length claims), one answers 503 to new work while the server drains for shutdown.
 """
 
 from __future__ import annotations
@@ -29,30 +29,22 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> FastAPI:
     install_handlers(app, config.retry_after_s)
     app.include_router(router)
     app.include_router(guarded)
-    app.add_middleware(_Draining, state=state)
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(_Draining, state=state)  # the last added runs first: count, bound, then drain
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(_CountErrors, metrics=state.metrics)
     return app
 
 
 class _BodyLimit:
-    def __init__(self, app, limit: int, metrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = {}
-
-        async def send_and_count(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                if message["status"] >= 400:
-                    self.metrics.errors.labels(str(message["status"])).inc()
-            await send(message)
-
         length = dict(scope.get("headers", ())).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await _send(send_and_count, _too_large(self.limit))
+            return await _send(send, _too_large(self.limit))
         seen = 0
 
         async def bounded_receive():
@@ -64,7 +56,22 @@ class _BodyLimit:
                     raise HTTPException(413, _too_large(self.limit).message)
             return message
 
-        await self.app(scope, bounded_receive, send_and_count)
+        await self.app(scope, bounded_receive, send)
+
+
+class _CountErrors:
+    """Every error answer, by status, whichever layer sent it."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        async def counted(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.errors.labels(str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted if scope["type"] == "http" else send)
 
 
 class _Draining:

@@ -106,16 +106,14 @@ def _check_seed_flags(config, rank: int | None, alpha: float | None) -> None:
 
 
 def _engine(config, progress: bool, err):
+    from rich.progress import track
+
     from ..runtime import Engine
 
-    bar = None
-    if progress:
-        from rich.progress import track
+    def bar(items, description):
+        return track(items, description=description, transient=True, console=err)
 
-        def bar(items, description):
-            return track(items, description=description, transient=True, console=err)
-
-    return Engine(config, progress=bar)
+    return Engine(config, progress=bar if progress else None)
 
 
 def _fail(err, message: str, code: int) -> int:
