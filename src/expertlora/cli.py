@@ -455,6 +455,9 @@ def serve(
     gpu_ratio: Annotated[Optional[float], typer.Option("--gpu-experts-ratio", help="Share of each layer's experts kept on the GPU, 0 to 1 (instead of --gpu-experts).")] = None,
     placement: Annotated[str, typer.Option("--placement", help="Which experts go to the GPU: prefix, uniform, or a routing stats file from expertlora profile.")] = "prefix",
     kt_weight_path: Annotated[Optional[Path], typer.Option("--kt-weight-path", help="With --method int8 / int4: the experts from kt-kernel's converted weights in this folder.")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="int4 only: one group size (32, 64 or 128) for every projection (default: per projection).")] = None,
+    gpu_prefill_threshold: Annotated[Optional[int], typer.Option("--gpu-prefill-threshold", "--kt-gpu-prefill-token-threshold", help="Prefill steps of at least this many tokens run the CPU experts' share on the GPU (default: the method's measured threshold; 0: off).")] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay decode steps as CUDA graphs where the placement allows.")] = True,
     lora_rank: Annotated[Optional[int], typer.Option("--kt-moe-lora-rank", help="Seed compatibility: must equal the adapters' rank.")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--kt-moe-lora-alpha", help="Seed compatibility: must equal the adapters' alpha.")] = None,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", help="Sequences decoding at once (each holds a KV cache region of --max-model-len tokens).")] = 64,
@@ -477,7 +480,8 @@ def serve(
         adapter_dirs=adapter_dir or [], lora_rank=lora_rank, lora_alpha=lora_alpha, max_body_bytes=max_body_bytes,
         shutdown_timeout=shutdown_timeout, progress=progress, log_level=log_level, method=method, dtype=dtype, threads=threads,
         backend=backend, device=device, gpu_experts=gpu_experts, gpu_experts_ratio=gpu_ratio, placement=placement,
-        kt_weight_path=kt_weight_path, max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_prefill_tokens=max_prefill_tokens,
+        kt_weight_path=kt_weight_path, group_size=group_size, gpu_prefill_threshold=gpu_prefill_threshold, cuda_graphs=cuda_graphs,
+        max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_prefill_tokens=max_prefill_tokens,
         kv_cache_memory=kv_cache_memory, max_loaded_adapters=max_loaded_adapters, max_queued_requests=max_queued_requests,
     )
     raise typer.Exit(code)
