@@ -161,7 +161,7 @@ def peft_rule(keys: list[str], name: str) -> int | None:
     return next((i for i, k in enumerate(keys) if re.match(rf"(.*\.)?({k})$", name)), None)
 
 
-_atoms = st.sampled_from(["a", "b", r"\.", ".", r"\d", r"\w", "[ab]", "[^a]", "[0-9]", "(?:a|b)", "(a|)", r"\b", r"\B", "^", "$"])
+_atoms = st.sampled_from(["a)|(b", "a", "b", r"\.", ".", r"\d", r"\w", "[ab]", "[^a]", "[0-9]", "(?:a|b)", "(a|)", r"\b", r"\B", "^", "$"])
 
 
 @st.composite
@@ -182,16 +182,27 @@ def _patterns(draw, depth=0):
 @settings(max_examples=400, deadline=None)
 @given(keys=st.lists(_patterns(), min_size=1, max_size=3), names=st.lists(st.text("ab.1_\n", max_size=8), min_size=1, max_size=6))
 def test_pattern_set_equals_peft_rule(keys, names):
-    patterns = PatternSet([rf"(.*\.)?({k})$" for k in keys])
+    alone = PatternSet([rf"(.*\.)?({k})$" for k in keys])
+    shared = PatternSet([rf"(.*\.)?({k})$" for k in keys], shared_prefix=r"(.*\.)?")  # as PeftLoraConfig runs them
     for name in names:
-        assert patterns.first_match(name) == peft_rule(keys, name), (keys, name)
+        assert alone.first_match(name) == shared.first_match(name) == peft_rule(keys, name), (keys, name)
+
+
+def test_pattern_work_is_bounded(tmp_path, monkeypatch):
+    # a pattern whose DFA grows with every character: past the work bound, one line, not minutes
+    from expertlora import linear_regex
+
+    src = per_expert(tmp_path, extra_config={"rank_pattern": {f"(.*[0-9].{{{k}}}x)": 8 for k in range(4, 30)}})
+    assert cli("inspect", src).exit_code == 0  # within the real bound: these module names are short
+    monkeypatch.setattr(linear_regex, "MAX_WORK", 500)
+    all_refused(src, tmp_path, CONFIG, "rank_pattern", "automaton steps")
 
 
 def test_pattern_set_on_real_module_names():
     keys = [r"layers\.2\.mlp\.experts\.\d+\.(gate|up|down)_proj", "q_proj", r"model\.layers\.1\.mlp\.experts\.down_proj", "experts.3.up_proj"]
     names = [f"model.layers.{L}.mlp.experts.{e}.{p}" for L in range(4) for e in range(12) for p in ("gate_proj", "up_proj", "down_proj")]
     names += ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.experts.down_proj", "model.layers.1.mlp.experts.gate_up_proj"]
-    patterns = PatternSet([rf"(.*\.)?({k})$" for k in keys])
+    patterns = PatternSet([rf"(.*\.)?({k})$" for k in keys], shared_prefix=r"(.*\.)?")
     hits = [patterns.first_match(n) for n in names]
     assert hits == [peft_rule(keys, n) for n in names]
     assert set(hits) == {None, 0, 1, 2, 3}

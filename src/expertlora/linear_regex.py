@@ -16,6 +16,7 @@ atomic groups, possessive repeats, and the flags IGNORECASE / MULTILINE / ASCII 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 try:  # Python >= 3.11
     from re import _constants as _C, _parser as _sre
@@ -25,7 +26,7 @@ except ImportError:  # Python 3.10
 
 MAX_PATTERN = 1000  # characters of one pattern
 MAX_STATES = 50_000  # NFA states of a whole set (a{1000} alone is 1000)
-MAX_WORK = 100_000_000  # NFA state visits of a set over its lifetime (~20 s of Python at worst)
+MAX_WORK = 10_000_000  # NFA state visits of a set over its lifetime (~12 s of Python at worst)
 _MAX_CACHED = 1_000_000  # NFA states held by the cached DFA states; past it the cache restarts
 
 _ALLOWED_FLAGS = _C.SRE_FLAG_UNICODE | _C.SRE_FLAG_VERBOSE | _C.SRE_FLAG_DOTALL
@@ -60,22 +61,37 @@ class PatternSet:
     """Patterns compiled together; ``first_match(text)`` is the index of the first that
     ``re.match``-es ``text``, or None."""
 
-    def __init__(self, patterns: Sequence[str]):
+    def __init__(self, patterns: Sequence[str], shared_prefix: str = ""):
+        """``shared_prefix``: a start many patterns have in common (PEFT's ``(.*\\.)?``), run once
+        for all of them rather than once each; the matches are the same."""
         self.patterns = tuple(patterns)
         self._kind: list[int] = []
-        self._arg: list[object] = []  # char: predicate; split: [targets]; assert: AT code; accept: index
+        self._arg: list[object] = []  # char: the character or a predicate; split: [targets]; assert: AT code; accept: index
         self._next: list[int] = []
-        starts = []
+        starts, prefix, prefix_flags, join = [], [], 0, -1
+        if shared_prefix:
+            prefix, prefix_flags = _parse(shared_prefix)
+            self._dotall = bool(prefix_flags & _C.SRE_FLAG_DOTALL)
+            join = self._state(_SPLIT, [], -1)
+            starts.append(self._seq(prefix, join))
         for i, pattern in enumerate(self.patterns):
             try:
-                starts.append(self._compile(pattern, i))
+                items, flags = _parse(pattern)
+                self._dotall = bool(flags & _C.SRE_FLAG_DOTALL)
+                accept = self._state(_ACCEPT, i, -1)
+                rest = _after_prefix(pattern, shared_prefix, items, flags, prefix, prefix_flags) if shared_prefix else None
+                if rest is None:
+                    starts.append(self._seq(items, accept))
+                else:
+                    self._arg[join].append(self._seq(rest, accept))
             except PatternError as e:
                 raise PatternError(e.expected, e.found, i) from None
         self._start = frozenset(starts)
         self._work = 0
-        self._dfa: dict[frozenset[int], int] = {}
-        self._sets: list[frozenset[int]] = []
-        self._steps: list[dict] = []
+        self._dfa: dict[frozenset[int], int] = {}  # NFA states -> DFA state
+        self._closures: list[_Closure] = []  # DFA state -> its closure
+        self._steps: list[dict] = []  # DFA state -> {(before, char, last): (accepted, DFA state)}
+        self._after_assert: dict[int, _Closure] = {}  # NFA state after an anchor -> its closure
         self._cached = 0
 
     def first_match(self, text: str) -> int | None:
@@ -95,23 +111,10 @@ class PatternSet:
                 break
             prev = _WORD if _is_word(c) else _OTHER
         else:
-            best = min(best, self._closure(self._sets[state], prev, None, False, n == 0)[1])
+            best = min(best, self._advance(state, (prev, None, False), n == 0)[0])
         return best if best < len(self.patterns) else None
 
     # ---- the NFA, built backwards from each state's continuation ----------------------------
-
-    def _compile(self, pattern: str, index: int) -> int:
-        if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN:
-            raise PatternError(f"a pattern of at most {MAX_PATTERN} characters", f"{len(pattern)}" if isinstance(pattern, str) else type(pattern).__name__)
-        try:
-            parsed = _sre.parse(pattern, 0)
-        except (_C.error, RecursionError, OverflowError, ValueError) as e:
-            raise PatternError("a regular expression", str(e)) from None
-        flags = parsed.state.flags
-        if flags & ~_ALLOWED_FLAGS:
-            raise PatternError("a pattern without the flags i, m, a or L", "one of them")
-        self._dotall = bool(flags & _C.SRE_FLAG_DOTALL)
-        return self._seq(list(parsed), self._state(_ACCEPT, index, -1))
 
     def _state(self, kind: int, arg, nxt: int) -> int:
         if len(self._kind) >= MAX_STATES:
@@ -130,7 +133,7 @@ class PatternSet:
         if op in _REFUSED:
             raise PatternError(_UNSUPPORTED, _REFUSED[op])
         if op is _C.LITERAL:
-            return self._state(_CHAR, chr(av).__eq__, nxt)
+            return self._state(_CHAR, chr(av), nxt)  # a str: looked up by character, not called
         if op is _C.NOT_LITERAL:
             return self._state(_CHAR, chr(av).__ne__, nxt)
         if op is _C.ANY:
@@ -164,6 +167,10 @@ class PatternSet:
         raise PatternError(_UNSUPPORTED, str(op).lower())
 
     # ---- the lazy DFA ------------------------------------------------------------------------
+    #
+    # A DFA state is a set of NFA states; its closure (splits followed) is computed once, with
+    # its character states indexed by literal, and its anchors left pending: they depend on
+    # the position, so each transition checks the few that are pending and adds what they open.
 
     def _intern(self, states: frozenset[int]) -> int:
         if not states:
@@ -171,45 +178,100 @@ class PatternSet:
         sid = self._dfa.get(states)
         if sid is None:
             if self._cached + len(states) > _MAX_CACHED:  # start the cache again: memory stays bounded
-                self._dfa.clear(), self._sets.clear(), self._steps.clear()
+                self._dfa.clear(), self._closures.clear(), self._steps.clear(), self._after_assert.clear()
                 self._cached = 0
-            sid = self._dfa[states] = len(self._sets)
-            self._sets.append(states)
+            sid = self._dfa[states] = len(self._closures)
+            self._closures.append(self._closure(states))
             self._steps.append({})
             self._cached += len(states)
         return sid
 
     def _step(self, state: int, key: tuple) -> tuple[int, int]:
-        prev, c, last = key
         cached = self._steps[state]  # held: _intern may start the cache again
-        chars, accepted = self._closure(self._sets[state], prev, c, last, False)
-        step = cached[key] = (accepted, self._intern(frozenset(self._next[s] for s in chars if self._arg[s](c))))
+        accepted, after = self._advance(state, key, False)
+        step = cached[key] = (accepted, self._intern(frozenset(after)))
         return step
 
-    def _closure(self, states, prev: int, c: str | None, last: bool, empty: bool) -> tuple[list[int], int]:
-        """The character states reachable without reading (splits followed, anchors checked at
-        this position), and the lowest index of the patterns whose accepting state is reached."""
-        ctx = (prev, c, last, empty)
-        chars, accepted = [], len(self.patterns)
+    def _advance(self, state: int, ctx: tuple, empty: bool) -> tuple[int, set[int]]:
+        """(the lowest pattern index accepted here, the NFA states after reading ctx's character)."""
+        prev, c, last = ctx
+        accepted, after = len(self.patterns), set()
+        todo, opened = [self._closures[state]], set()
+        while todo:
+            closure = todo.pop()
+            accepted = min(accepted, closure.accepted)
+            if c is not None:
+                after.update(closure.literals.get(c, ()))
+                after.update(nxt for pred, nxt in closure.classes if pred(c))
+            self._work += len(closure.classes) + len(closure.anchors) + 1
+            for code, nxt in closure.anchors:
+                if nxt not in opened and _AT[code](prev, c, last, empty):
+                    opened.add(nxt)
+                    if nxt not in self._after_assert:
+                        self._after_assert[nxt] = self._closure((nxt,))
+                    todo.append(self._after_assert[nxt])
+        if self._work > MAX_WORK:
+            raise PatternError(f"patterns that match these names within {MAX_WORK} automaton steps", "more steps")
+        return accepted, after
+
+    def _closure(self, states) -> "_Closure":
+        """What ``states`` reach without reading and without passing an anchor."""
+        out = _Closure({}, [], [], len(self.patterns))
         stack, seen = list(states), set(states)
-        self._work += len(states)
         while stack:
             s = stack.pop()
-            kind = self._kind[s]
+            kind, arg = self._kind[s], self._arg[s]
             if kind == _CHAR:
-                chars.append(s)
+                if isinstance(arg, str):
+                    out.literals.setdefault(arg, []).append(self._next[s])
+                else:
+                    out.classes.append((arg, self._next[s]))
             elif kind == _ACCEPT:
-                accepted = min(accepted, self._arg[s])
+                out.accepted = min(out.accepted, arg)
+            elif kind == _ASSERT:
+                out.anchors.append((arg, self._next[s]))
             else:
-                targets = self._arg[s] if kind == _SPLIT else ([self._next[s]] if _AT[self._arg[s]](*ctx) else [])
-                self._work += len(targets)
-                for t in targets:
+                for t in arg:
                     if t not in seen:
                         seen.add(t)
                         stack.append(t)
-        if self._work > MAX_WORK:
-            raise PatternError(f"patterns that match these names within {MAX_WORK} automaton steps", "more steps")
-        return chars, accepted
+        self._work += len(seen)
+        return out
+
+
+@dataclass
+class _Closure:
+    literals: dict[str, list[int]]  # character -> NFA states after reading it
+    classes: list[tuple[object, int]]  # (predicate, NFA state after a character it takes)
+    anchors: list[tuple[object, int]]  # (AT code, NFA state once the anchor holds)
+    accepted: int  # lowest pattern index whose accepting state is reached; len(patterns): none
+
+
+def _parse(pattern: str) -> tuple[list, int]:
+    """Python's own parse of ``pattern``: its top-level items and its flags."""
+    if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN:
+        raise PatternError(f"a pattern of at most {MAX_PATTERN} characters", f"{len(pattern)}" if isinstance(pattern, str) else type(pattern).__name__)
+    try:
+        parsed = _sre.parse(pattern, 0)
+    except (_C.error, RecursionError, OverflowError, ValueError) as e:
+        raise PatternError("a regular expression", str(e)) from None
+    flags = parsed.state.flags
+    if flags & ~_ALLOWED_FLAGS:
+        raise PatternError("a pattern without the flags i, m, a or L", "one of them")
+    return list(parsed), flags
+
+
+def _after_prefix(pattern: str, prefix: str, items: list, flags: int, prefix_items: list, prefix_flags: int) -> list | None:
+    """The items of ``pattern`` after ``prefix`` when the pattern is exactly the prefix's items
+    followed by those of its own rest (no alternation across the two, no flags that change
+    the prefix), else None: then the pattern runs alone."""
+    if not pattern.startswith(prefix) or flags != prefix_flags:
+        return None
+    try:
+        rest, rest_flags = _parse(pattern[len(prefix):])
+    except PatternError:
+        return None
+    return rest if rest_flags == flags and len(items) == len(prefix_items) + len(rest) else None
 
 
 def _any(c: str) -> bool:

@@ -120,7 +120,7 @@ def _patterns(where, name: str, patterns, check, expected: str) -> tuple[Pattern
             raise AdapterError(where, name, "string patterns", describe(key))
         check(value, lambda: AdapterError(where, f"{name}.{key}", expected, describe(value)))
     try:
-        matcher = PatternSet([rf"(.*\.)?({p})$" for p in patterns])
+        matcher = PatternSet([rf"(.*\.)?({p})$" for p in patterns], shared_prefix=r"(.*\.)?")
     except PatternError as e:
         raise AdapterError(where, f"{name}.{list(patterns)[e.index]}", e.expected, e.found) from None
     return matcher, tuple(patterns.values())
