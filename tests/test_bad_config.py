@@ -401,6 +401,15 @@ def test_canonical_metadata_claims(tmp_path, key, value, needle):
     all_refused(src, tmp_path, "canon.safetensors", needle)
 
 
+def test_canonical_sidecar_without_config(tmp_path):
+    src = write_canonical(tmp_path / "c" / "canon.safetensors", non_expert_adapter="side")
+    side = tmp_path / "c" / "side"
+    side.mkdir()
+    a = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+    save_file({a: torch.randn(R, H), a.replace("lora_A", "lora_B"): torch.randn(H, R)}, side / WEIGHTS)
+    all_refused(src, tmp_path, str(side / CONFIG), "No such file")
+
+
 BAD_SPECS = [
     {"rank": R, "alpha": "NaN", "scaling": 2.0}, {"rank": R, "alpha": ALPHA, "scaling": "Infinity"}, {"rank": 0, "alpha": ALPHA, "scaling": 2.0},
     {"rank": "4", "alpha": ALPHA, "scaling": 2.0}, {"rank": R, "alpha": ALPHA, "scaling": -2.0}, {"rank": True, "alpha": ALPHA, "scaling": 2.0},

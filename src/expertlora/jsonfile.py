@@ -62,8 +62,11 @@ def parse_json(text: str | bytes, where: str | Path, key: str | None = None) -> 
 def read_json_object(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
     """A JSON file whose top level is an object, read within the bounds above."""
     path = Path(path)
-    with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        raise AdapterError(path, None, "a JSON file", e.strerror or "no such file") from None
     if len(data) > max_bytes:
         raise AdapterError(path, None, f"a JSON file of at most {max_bytes >> 20} MiB", f"{path.stat().st_size} bytes")
     value = parse_json(data, path)
