@@ -51,16 +51,25 @@ def test_help_lists_commands():
         assert command in result.output
 
 
-def test_readme_python_example(fused_adapter, model_dir):
+def test_readme_python_example(fused_adapter, model_dir, tmp_path):
     import re
+    import shutil
     from pathlib import Path
 
+    from expertlora import tiny
+
     path, _, base = fused_adapter("qwen3_moe")
+    model = shutil.copytree(model_dir("qwen3_moe"), tmp_path / "model")
+    tiny.save_tokenizer(model)  # the engine example sends text
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     code = "\n".join(re.findall(r"```python\n(.*?)```", readme, re.S))
-    code = code.replace("path/to/model", str(model_dir("qwen3_moe"))).replace("path/to/peft_adapter", str(path))
+    for placeholder in ("path/to/peft_adapter", "path/to/adapter", "path/to/other"):
+        code = code.replace(placeholder, str(path))
+    code = code.replace("path/to/model", str(model))
     scope: dict = {}
     exec(code, scope)
     E, I, H = base.num_experts, base.intermediate_size, base.hidden_size
     assert scope["delta"].shape == (E, I, H) and scope["lora"].a.shape == (E, 4, H)
     assert scope["y"].shape == (3, H) and scope["y"].dtype == torch.bfloat16
+    assert [o.adapter for o in scope["outs"]] == [None, "math"] and all(o.finished for o in scope["outs"])
+    assert scope["engine"].adapter_names == ["math", "code"]
