@@ -152,6 +152,8 @@ MaxModelLenOpt = Annotated[Optional[int], typer.Option("--max-model-len", help="
 MaxPrefillTokensOpt = Annotated[int, typer.Option("--max-prefill-tokens", help="Prompt tokens per engine step: longer prompts are prefilled in chunks, so running requests keep decoding.")]
 KvCacheMemoryOpt = Annotated[Optional[int], typer.Option("--kv-cache-memory", help="Bytes for the KV cache (default: half the GPU's free memory, or a quarter of the host's available memory up to 8 GiB).")]
 MaxLoadedAdaptersOpt = Annotated[int, typer.Option("--max-loaded-adapters", "--max-loras", help="Adapters loaded at once; loading one more evicts the least recently used idle one.")]
+GpuPrefillOpt = Annotated[Optional[int], typer.Option("--gpu-prefill-threshold", "--kt-gpu-prefill-token-threshold", help="With --device cuda: a forward of at least this many tokens (a long prompt) runs the CPU experts on the GPU too, their weights copied there layer by layer while the previous layer computes; needs GPU memory for about two layers of experts (a Qwen3-30B-A3B layer: 1.2 GB in bf16), refused at load without it. Default: the method's measured crossover on the H200 host (bf16 128, int8 64, int4 32; fp32 off); 0: off.")]
+CudaGraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="With --device cuda and bf16: replay decode steps as CUDA graphs (CPU experts inside them through host nodes).")]
 
 
 @contextmanager
@@ -299,6 +301,8 @@ def run(
     max_prefill_tokens: MaxPrefillTokensOpt = 1024,
     kv_cache_memory: KvCacheMemoryOpt = None,
     max_loaded_adapters: MaxLoadedAdaptersOpt = 16,
+    gpu_prefill_threshold: GpuPrefillOpt = None,
+    cuda_graphs: CudaGraphsOpt = True,
     progress: ProgressOpt = True,
 ):
     """Generate from a MoE checkpoint with expert LoRA adapters (experts on the CPU engine, some on the GPU with --device cuda).
@@ -323,7 +327,8 @@ def run(
                 EngineConfig, model, adapter, method=method, dtype=dtype, device=device, gpu_experts=gpu_experts,
                 gpu_experts_ratio=gpu_ratio, placement=placement, threads=threads, backend=backend, kt_weight_path=kt_weight_path,
                 max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_prefill_tokens=max_prefill_tokens,
-                kv_cache_memory=kv_cache_memory, max_loaded_adapters=max_loaded_adapters,
+                kv_cache_memory=kv_cache_memory, max_loaded_adapters=max_loaded_adapters, gpu_prefill_threshold=gpu_prefill_threshold,
+                cuda_graphs=cuda_graphs,
             )
             try:
                 _run_prompts_file(config, prompts_file, max_new_tokens, lora_rank, lora_alpha, progress)
@@ -337,8 +342,9 @@ def run(
     with _errors("run"):  # every option is checked before the model loads
         sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
         setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress, backend,
-                           device, gpu_experts, gpu_ratio, placement, kt_weight_path, sampling=sampling, group_size=group_size)
-        result = generate(setup.model, setup.prompt_ids, setup.adapter, sampling, setup.tokenizer)
+                           device, gpu_experts, gpu_ratio, placement, kt_weight_path, sampling=sampling, group_size=group_size,
+                           gpu_prefill_threshold=gpu_prefill_threshold)
+        result = generate(setup.model, setup.prompt_ids, setup.adapter, sampling, setup.tokenizer, graphs=cuda_graphs)
     if as_json:
         print(json.dumps(result.to_json()), file=out, flush=True)
         return
@@ -456,8 +462,8 @@ def serve(
     placement: Annotated[str, typer.Option("--placement", help="Which experts go to the GPU: prefix, uniform, or a routing stats file from expertlora profile.")] = "prefix",
     kt_weight_path: Annotated[Optional[Path], typer.Option("--kt-weight-path", help="With --method int8 / int4: the experts from kt-kernel's converted weights in this folder.")] = None,
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="int4 only: one group size (32, 64 or 128) for every projection (default: per projection).")] = None,
-    gpu_prefill_threshold: Annotated[Optional[int], typer.Option("--gpu-prefill-threshold", "--kt-gpu-prefill-token-threshold", help="Prefill steps of at least this many tokens run the CPU experts' share on the GPU (default: the method's measured threshold; 0: off).")] = None,
-    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay decode steps as CUDA graphs where the placement allows.")] = True,
+    gpu_prefill_threshold: GpuPrefillOpt = None,
+    cuda_graphs: CudaGraphsOpt = True,
     lora_rank: Annotated[Optional[int], typer.Option("--kt-moe-lora-rank", help="Seed compatibility: must equal the adapters' rank.")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--kt-moe-lora-alpha", help="Seed compatibility: must equal the adapters' alpha.")] = None,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", help="Sequences decoding at once (each holds a KV cache region of --max-model-len tokens).")] = 64,

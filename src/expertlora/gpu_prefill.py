@@ -57,6 +57,16 @@ def default_threshold(method: str) -> int | None:
     return DEFAULT_THRESHOLDS.get(method)
 
 
+def threshold_for(requested: int | None, method: str, device: str, cpu_experts: bool) -> int | None:
+    """The threshold a run uses: the one asked for (0: off), else the method's measured default
+    where a GPU could take CPU experts' prefill; None: off."""
+    if requested is None:
+        requested = default_threshold(method) if device != "cpu" and cpu_experts else None
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 0):
+        raise ValueError(f"--gpu-prefill-threshold {requested!r}: expected a token count >= 0 (0: off)")
+    return requested or None
+
+
 @dataclass(frozen=True)
 class _Part:
     """One tensor of a layer's block: where it starts, what it holds."""

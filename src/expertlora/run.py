@@ -77,8 +77,10 @@ def load_tokenizer(model_dir: str | Path):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def generate(lm: LoadedModel, prompt_ids: list[int], adapter: str | None, sampling: Sampling, tokenizer=None) -> Generation:
-    """One prompt through the model with ``adapter`` (None: the base model)."""
+def generate(lm: LoadedModel, prompt_ids: list[int], adapter: str | None, sampling: Sampling, tokenizer=None,
+             graphs: bool = True) -> Generation:
+    """One prompt through the model with ``adapter`` (None: the base model). ``graphs``: greedy
+    decoding on a GPU replays its steps as one CUDA graph where the model allows (decode.py)."""
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=lm.model.device)
     lm.use([adapter])
     kwargs: dict = {}
@@ -92,7 +94,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], adapter: str | None, sampli
         kwargs["min_new_tokens"] = sampling.max_new_tokens
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(lm.model.config, "pad_token_id", None) or 0
     start = time.perf_counter()
-    if sampling.temperature == 0 and ids.is_cuda and graph_ready(lm):  # greedy, all on the GPU: steps replayed as a graph
+    if graphs and sampling.temperature == 0 and ids.is_cuda and graph_ready(lm):  # greedy, all on the GPU: steps replayed as a graph
         new = _until_eos(greedy_decode(lm, ids, sampling.max_new_tokens)[0].tolist(), lm, sampling)
     else:
         with torch.no_grad():
@@ -160,12 +162,14 @@ def load_setup(
     *,
     sampling: Sampling | None = None,
     group_size: int | None = None,
+    gpu_prefill_threshold: int | None = None,
 ) -> Setup:
     """Check every option, then load the adapters and the model (with a progress bar).
 
     ``sampling``, when given, is checked against the model too: its prompt and new tokens must
     fit the model's context (max_position_embeddings)."""
     from .formats import load_adapter
+    from .gpu_prefill import threshold_for
     from .integration import _int4_group, load_model
     from .model_config import MoEConfig
     from .quantize import resolve_method
@@ -205,8 +209,10 @@ def load_setup(
     for name, adapter in adapters.items():
         check_seed_flags(name, adapter, lora_rank, lora_alpha)
     bar = _rich_progress if progress else None
+    cpu_experts = masks is None or not all(bool(m.all()) for m in masks.values())
+    prefill = threshold_for(gpu_prefill_threshold, method, device, cpu_experts)
     lm = load_model(model_dir, method, dtypes[dtype], adapters, threads=threads, group_size=group_size, progress=bar,
-                    backend=backend, device=device, gpu_masks=masks, kt_weight_path=kt_weight_path)
+                    backend=backend, device=device, gpu_masks=masks, kt_weight_path=kt_weight_path, gpu_prefill_threshold=prefill)
     return Setup(lm, method, ids, chosen, tokenizer)
 
 

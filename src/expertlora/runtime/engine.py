@@ -398,6 +398,7 @@ def _default_kv_budget(device: torch.device) -> int:
 def _load(config: EngineConfig, progress: Callable | None):
     """The model on our experts, with the adapters of ``config``, and its tokenizer (or None)."""
     from ..formats import load_adapter
+    from ..gpu_prefill import threshold_for
     from ..integration import load_model
     from ..model_config import MoEConfig
     from ..placement import gpu_expert_count, gpu_masks, parse_placement
@@ -418,12 +419,8 @@ def _load(config: EngineConfig, progress: Callable | None):
         masks = gpu_masks(base.num_experts, base.moe_layers, count, strategy, stats)
     adapters = {check_name(name): load_adapter(path, base) for name, path in config.adapters}
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype]
-    prefill = config.gpu_prefill_threshold
-    if prefill is None and config.device != "cpu" and count < base.num_experts:
-        from ..gpu_prefill import default_threshold
-
-        prefill = default_threshold(method)
+    prefill = threshold_for(config.gpu_prefill_threshold, method, config.device, count < base.num_experts)
     lm = load_model(config.model, method, dtype, adapters, threads=config.threads, group_size=config.group_size, progress=progress,
                     backend=config.backend, device=config.device, gpu_masks=masks, kt_weight_path=config.kt_weight_path,
-                    gpu_prefill_threshold=prefill or None)
+                    gpu_prefill_threshold=prefill)
     return lm, load_tokenizer(config.model)
