@@ -46,7 +46,7 @@ DEVICE = "cuda"
 
 
 def sync():
-    if DEVICE == "cuda":
+    if torch.cuda.is_initialized():  # whatever ran on the GPU has finished
         torch.cuda.synchronize()
 
 

@@ -35,28 +35,11 @@ from expertlora.gpu import GpuMoELoRA
 from expertlora.gpu_prefill import PinnedHost, memory_needed
 from expertlora.hybrid import HybridMoE
 from expertlora.tiny import random_expert_lora
-from moe_layer import ALL, ALPHA, SHAPES, _copy, cpu_name, emit, routings  # this folder is on sys.path
+from gpu_layer import sync, wall_ms  # this folder is on sys.path
+from moe_layer import ALL, ALPHA, SHAPES, _copy, cpu_name, emit, routings
 
 SMOKE = {"tiny": (64, 32, 8, 2)}
 DEVICE = "cuda"
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def wall_ms(fn, calls: int, warmup: int) -> float:
-    for i in range(warmup):
-        fn(i)
-    sync()
-    times = []
-    for i in range(warmup, warmup + calls):
-        t0 = time.perf_counter()
-        fn(i)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def h2d_bandwidth(nbytes: int) -> tuple[float, float]:
