@@ -83,3 +83,20 @@ def test_quantized_checkpoints_are_refused(tmp_path, model_dir):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterError, match="quantization_config: expected an unquantized checkpoint.*found fp8"):
         Checkpoint(tmp_path)
+
+
+def test_integer_expert_weights_are_refused(tmp_path, model_dir):
+    """An expert tensor stored as integers is not a model's weight: one line naming it and its
+    dtype (found by the fuzz suite: an I32 down_proj was accepted and run)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = shutil.copytree(model_dir("qwen3_moe"), tmp_path / "model")
+    tensors = load_file(src / "model.safetensors")
+    key = "model.layers.1.mlp.experts.0.down_proj.weight"
+    tensors[key] = (tensors[key] * 100).to(torch.int32)
+    save_file(tensors, src / "model.safetensors")
+    ckpt = Checkpoint(src)
+    with pytest.raises(AdapterError, match=rf"{key}: expected a float tensor .*found I32"):
+        ckpt.expert_tensors(1)

@@ -98,7 +98,9 @@ class Checkpoint:
     def _check_header(self, key: str, shape: tuple[int, ...]) -> None:
         if key not in self.files:
             raise AdapterError(self.dir, key, "a tensor of this name in the checkpoint", "none")
-        found = self.shapes[key][1]
+        dtype, found, _ = self.shapes[key]
+        if dtype not in SAFETENSORS_DTYPES:  # expert weights are floats; an integer tensor here is not a model's
+            raise AdapterError(self.files[key], key, f"a float tensor ({', '.join(SAFETENSORS_DTYPES)})", dtype)
         if found != shape:
             raise AdapterError(self.files[key], key, shape_str(shape) + " (from config.json)", shape_str(found))
 
