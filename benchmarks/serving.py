@@ -318,12 +318,12 @@ def warm_up(engine, args, vocab: int) -> None:
 
 async def rss_drive(send, args, vocab: int, pids: list[int], engine=None, label: str = "") -> dict:
     """--rss: --rss-requests short requests, closed loop; the RSS of ``pids`` (and CUDA memory
-    in this process) after request --rss-requests / 10 and after the last."""
+    in this process) after every tenth of them (request 100, 200, ... of 1,000)."""
     import psutil
 
     n = args.rss_requests
     reqs = workload(n, vocab, (8, 64), (4, 16), seed=7)
-    marks, done = {max(1, n // 10): None, n: None}, [0]
+    marks, done = {max(1, n * i // 10): None for i in range(1, 11)}, [0]
     procs = [psutil.Process(pid) for pid in pids]
 
     def on_done(_i):
@@ -856,12 +856,13 @@ def ratios(rows: list[dict], notes: dict, args) -> list[str]:
                    f"at most {kv['peak_used']} slots in use; after the runs {kv['after_used']} in use, {kv['after_running']} running: "
                    + ("within budget" if within else "**not within budget**"))
     for r in rows:
-        marks = sorted((k, v) for k, v in r.get("marks", {}).items() if v)
-        if len(marks) == 2:
-            (a, ma), (b, mb) = marks
+        marks = sorted((int(k), v) for k, v in r.get("marks", {}).items() if v)
+        if len(marks) >= 2:
+            (a, ma), (b, mb) = marks[0], marks[-1]
             cuda_txt = f"; CUDA allocated {ma['cuda_mib']:.0f} -> {mb['cuda_mib']:.0f} MiB" if ma.get("cuda_mib") is not None else ""
+            series = ", ".join(f"{m['rss_mib'][0]:.0f}" for _, m in marks)
             out.append(f"- {r['run']}: RSS after request {a} {ma['rss_mib'][0]:.0f} MiB, after request {b} {mb['rss_mib'][0]:.0f} MiB "
-                       f"({mb['rss_mib'][0] - ma['rss_mib'][0]:+.1f} MiB){cuda_txt}")
+                       f"({mb['rss_mib'][0] - ma['rss_mib'][0]:+.1f} MiB; after every {a}: {series}){cuda_txt}")
     return out
 
 
