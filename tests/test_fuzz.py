@@ -660,7 +660,7 @@ FAMILY_FIELDS = {
 _OWN_KEYS = {"n_routed_experts", "num_local_experts", "num_experts", "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step"}
 
 
-@fuzz(40)
+@fuzz(60)
 @given(data=st.data())
 def test_family_config_field(seeds, sandbox, model_dir, data):
     family = data.draw(st.sampled_from(sorted(FAMILY_FIELDS)), label="family")
