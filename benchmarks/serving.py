@@ -736,6 +736,15 @@ def main(argv=None):
             for label, fn in compared:
                 tries[label].append(fn())
         rows += [best_of(t) for t in tries.values()]
+        # the peers next, while the engine waits idle: the ratios first, should the budget run out
+        if part("alone"):
+            rows.append(one_at_a_time(model_dir, paths, reqs[: args.alone_requests], args))
+        if part("cb"):
+            try:
+                rows.append(transformers_cb(model_dir, with_adapters(levels[C], (None,)), C, args))
+            except Exception as e:  # noqa: BLE001 - a peer's failure is reported, the table still comes
+                notes["cb_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"transformers continuous batching failed: {notes['cb_error']}", flush=True)
         for c, lr in levels.items():
             if c != C:
                 if over():
@@ -764,16 +773,8 @@ def main(argv=None):
             skipped.append("rss")
         s = engine.stats()
         notes["kv"].update(peak_used=max(r.get("peak_kv_slots", 0) for r in rows), after_used=s.kv_slots_used, after_running=s.running)
-    engine = counter = server = None  # the engine's memory back before the peers load theirs
+    engine = counter = server = None  # the engine thread and its memory go with the last reference
     _free()
-    if part("alone"):
-        rows.append(one_at_a_time(model_dir, paths, reqs[: args.alone_requests], args))
-    if part("cb"):
-        try:
-            rows.append(transformers_cb(model_dir, with_adapters(levels[C], (None,)), C, args))
-        except Exception as e:  # noqa: BLE001 - a peer's failure is reported, the table still comes
-            notes["cb_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            print(f"transformers continuous batching failed: {notes['cb_error']}", flush=True)
     notes["total_s"], notes["skipped"] = time.perf_counter() - t_start, skipped
     emit(markdown(rows, notes, args, read_gbs, threads), args.out)
     if tmp is not None:

@@ -17,8 +17,9 @@
 #                                               run(..., carry=[".device/serve"])
 # The first part makes the random checkpoint and five adapters in $WORK (default
 # /tmp/expertlora-serving) and the later ones reuse them. Each part stops starting runs after its
-# budget (--budget-s) and is killed at its time limit; its rows reach $OUT/serving_PART.jsonl as
-# they are measured, its table $OUT/serving.md at its end, its log $OUT/serving_PART.log.
+# budget (--budget-s) and is killed at its time limit (the limits add up to 580 s, under the
+# device tool's 10 minutes a call); its rows reach $OUT/serving_PART.jsonl as they are measured,
+# its table $OUT/serving.md at its end, its log $OUT/serving_PART.log.
 # Threads: all cores but one (THREADS=N to change).
 source "$(dirname "$0")/device_env.sh"
 THREADS="${THREADS:-$(( $(nproc) - 1 ))}"
@@ -60,16 +61,16 @@ bench() {  # PART TIME_LIMIT_S BUDGET_S ARGS...
 [ $# -eq 0 ] && set -- 100 http 0 50
 for part in "$@"; do
   case "$part" in
-    100) bench 100 240 150 --gpu-experts-ratio 1 --parts levels,adapters,nolora,alone,cb --repeat 2 --cb-limit-s 45 ;;
+    100) bench 100 230 170 --gpu-experts-ratio 1 --parts levels,adapters,nolora,alone,cb --repeat 2 --cb-limit-s 40 ;;
     http)
       if python3 -c "import fastapi, uvicorn, httpx, pydantic, prometheus_client, psutil" 2>/dev/null; then
-        bench http 150 75 --gpu-experts-ratio 1 --parts arrivals --rss --http --repeat 2
+        bench http 130 60 --gpu-experts-ratio 1 --parts arrivals --rss --http --repeat 2
       else
         echo "http: fastapi / uvicorn / httpx / pydantic / prometheus_client / psutil missing here; carry .device/serve" \
              "(scripts/device_serving.sh carry on the dev box)" | tee "$OUT/serving_http.log"
       fi ;;
-    0) bench 0 160 110 --gpu-experts-ratio 0 --parts levels,alone ;;
-    50) bench 50 100 70 --gpu-experts-ratio 0.5 --parts levels ;;
+    0) bench 0 140 95 --gpu-experts-ratio 0 --parts levels,alone --min-requests 2 --alone-requests 2 ;;
+    50) bench 50 80 50 --gpu-experts-ratio 0.5 --parts levels --min-requests 2 ;;
     *) echo "usage: $0 [100] [http] [0] [50] | carry" >&2; exit 2 ;;
   esac
 done
