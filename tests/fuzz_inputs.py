@@ -93,6 +93,7 @@ class Sandbox:
                 self.server.kill()
                 self.server.wait()
             self.server = self.worker = None
+        self.log.unlink(missing_ok=True)
 
     def cli(self, argv) -> Call:
         return self._ask({"op": "cli", "argv": [str(a) for a in argv]})
