@@ -92,3 +92,31 @@ def test_graph_decode_tokens_stop_after_eos_as_generate_does(eos, ignore_eos, ex
 
     lm = SimpleNamespace(model=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos)))
     assert _until_eos([1, 7, 3, 5], lm, Sampling(ignore_eos=ignore_eos)) == expected
+
+
+@pytest.mark.parametrize(("family", "key", "value"), [
+    ("qwen3_moe", "hidden_act", "bogus"),
+    ("deepseek_v3", "rope_parameters", {"rope_type": "bogus"}),
+    ("qwen3_moe", "num_experts_per_tok", 7),
+    ("mixtral", "num_experts_per_tok", 0),
+    ("deepseek_v3", "n_group", 4),
+    ("deepseek_v3", "n_group", None),
+    ("deepseek_v3", "topk_group", 2),
+    ("deepseek_v3", "routed_scaling_factor", float("nan")),
+    ("mixtral", "sliding_window", 0),
+    ("qwen2_moe", "shared_expert_intermediate_size", 0),
+    ("deepseek_v3", "kv_lora_rank", 0),
+])
+def test_config_fields_transformers_builds_from(tmp_path, model_dir, family, key, value):
+    """What transformers reads to build and run the model is checked first: one line naming
+    config.json and the key, exit 2 (the fuzz suite found these reaching transformers: an
+    internal error, a NaN model answering 0 0, a top-k of 0 routing nothing)."""
+    import shutil
+
+    model = shutil.copytree(model_dir(family), tmp_path / family)
+    config = json.loads((model / "config.json").read_text())
+    config[key] = value
+    (model / "config.json").write_text(json.dumps(config))
+    result = run("--model", model, "--prompt-ids", "5,17,33", "--max-new-tokens", 2, "--method", "fp32")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and f"config.json: {key}" in result.stderr, result.stderr

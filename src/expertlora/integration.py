@@ -182,11 +182,13 @@ def load_model(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .model_config import check_model_fields
     from .model_weights import load_model_weights
 
     if backend not in ("cpu", "kt"):
         raise ValueError(f"unknown backend {backend!r}: expected cpu or kt")
     register()
+    check_model_fields(model_dir)  # what transformers builds the model from, before it does
     ckpt = Checkpoint(model_dir)
     dtype = dtype or (torch.float32 if method == "fp32" else torch.bfloat16)
     wrap = progress or (lambda items, _description: items)

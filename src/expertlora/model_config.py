@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,3 +132,68 @@ def _quant_method(f: Fields) -> str | None:
     quant = f.mapping("quantization_config")
     method = quant.get("quant_method")
     return method[:64] if isinstance(method, str) and method else "unknown"
+
+
+# Fields transformers reads to build and run the model beyond its MoE shape. They are checked
+# before anything is built, so a bad value is one line naming the key instead of an exception
+# (or a silently wrong model) from inside transformers.
+_POSITIVE_SIZES = (
+    "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "shared_expert_intermediate_size",
+    "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "n_shared_experts", "vocab_size",
+    "max_position_embeddings",
+)
+MAX_SIZE = 1 << 30
+
+
+def check_model_fields(model_dir: str | Path) -> MoEConfig:
+    """The checkpoint's MoEConfig, after checking the config.json fields transformers will use to
+    build and run the model: sizes, the router's top-k and groups, activation, rotary type,
+    sliding window, scaling factors. Needs transformers (the hf extra)."""
+    base = MoEConfig.from_model_dir(model_dir)
+    path = base.path
+    cfg = read_json_object(path)
+    if isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg["text_config"], **cfg}
+    f = Fields(cfg, path)
+    E = base.num_experts
+    for key in _POSITIVE_SIZES:
+        if f.has(key):
+            f.integer(key, hi=MAX_SIZE)
+    if "num_experts_per_tok" in cfg:
+        f.integer("num_experts_per_tok", hi=E)  # the router's top-k among the E experts
+    # Grouped routing (always on in DeepSeek-V3, with topk_method group_limited_greedy in V2): E experts
+    # in n_group groups, topk_group of them chosen. V2's greedy routing leaves n_group null.
+    if "n_group" in cfg and (cfg["n_group"] is not None or base.model_type == "deepseek_v3"):
+        groups = f.integer("n_group", hi=E)
+        if E % groups:
+            raise f.error("n_group", f"a divisor of the {E} routed experts", groups)
+        if "topk_group" in cfg:
+            f.integer("topk_group", hi=groups)
+    for key, low in (("routed_scaling_factor", None), ("router_jitter_noise", 0.0)):
+        value = cfg.get(key)
+        if key in cfg and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                           or (low is not None and value < low)):
+            raise f.error(key, "a finite number" + (f" >= {low:g}" if low is not None else ""), value)
+    if f.has("sliding_window") and (base.model_type == "mixtral" or cfg.get("use_sliding_window") is True):
+        f.integer("sliding_window", hi=MAX_SIZE)  # a window the attention uses (Qwen2-MoE's only with use_sliding_window)
+    if "hidden_act" in cfg:
+        from transformers.activations import ACT2FN
+
+        act = cfg["hidden_act"]
+        if not isinstance(act, str) or act not in ACT2FN:
+            raise f.error("hidden_act", "an activation transformers knows (silu, gelu, ...)", act)
+    for key in ("rope_parameters", "rope_scaling"):
+        if f.has(key):
+            _check_rope(f, key, f.mapping(key))
+    return base
+
+
+def _check_rope(f: Fields, key: str, rope: dict) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    known = ("default", *ROPE_INIT_FUNCTIONS)
+    per_layer_type = rope and all(isinstance(v, dict) for v in rope.values())  # {"full_attention": {...}, ...}
+    for params in rope.values() if per_layer_type else (rope,):
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in known:
+            raise f.error(f"{key}.rope_type", f"one of {', '.join(known)}", kind)

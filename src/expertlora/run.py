@@ -171,7 +171,7 @@ def load_setup(
     from .formats import load_adapter
     from .gpu_prefill import threshold_for
     from .integration import _int4_group, load_model
-    from .model_config import MoEConfig
+    from .model_config import check_model_fields
     from .quantize import resolve_method
 
     method = resolve_method(method)
@@ -193,7 +193,7 @@ def load_setup(
         raise ValueError("give exactly one of --prompt and --prompt-ids")
     named, chosen = adapter_choice(adapter_options, use)
     _check_seed_flag_values(named, lora_rank, lora_alpha)
-    base = MoEConfig.from_model_dir(model_dir)
+    base = check_model_fields(model_dir)  # what transformers builds the model from, before it does
     if group_size is not None:
         _int4_group(base.hidden_size, base.intermediate_size, group_size)
     if backend == "kt":

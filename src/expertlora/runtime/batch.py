@@ -69,6 +69,7 @@ def build_batch(
         decode_lengths=on_device(decode_lengths),
         decode_max_len=max(decode_lengths, default=0),
         prefills=tuple(chunks),
+        decode_rows=tuple((r.cache_slot, n) for r, n in zip(decodes, decode_lengths)),
     )
     return StepBatch(
         input_ids=on_device(ids)[None],

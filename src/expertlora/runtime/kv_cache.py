@@ -91,6 +91,7 @@ class AttentionPlan:
     decode_lengths: torch.Tensor  # [D] cached length after this step's token
     decode_max_len: int
     prefills: tuple[PrefillChunk, ...]
+    decode_rows: tuple[tuple[int, int], ...] = ()  # (slot, cached length) per decode row, for the CPU
 
 
 class ShapeProbe:
@@ -120,12 +121,20 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     out = query.new_empty(T, h, dv)
     D = plan.decode_slots.numel()
     if D:
-        S = plan.decode_max_len
-        k = _heads(cache.k[layer].index_select(0, plan.decode_slots)[:, :, :S], h)  # [D, h, S, dk]
-        v = _heads(cache.v[layer].index_select(0, plan.decode_slots)[:, :, :S], h)
-        mask = torch.arange(S, device=q.device)[None, :] < plan.decode_lengths[:, None]  # [D, S]
-        o = _sdpa(q[:, :D].transpose(0, 1)[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scaling)
-        out[:D] = o[:, :, 0]  # [D, h, dv]
+        # One token per sequence: its h query heads as g = h / kvh queries on each K/V head
+        # (grouped-query attention without repeating K and V).
+        g, dk = h // kvh, q.shape[-1]
+        qd = q[:, :D].transpose(0, 1).reshape(D, kvh, g, dk)  # [D, kvh, g, dk]
+        if not q.is_cuda:  # each sequence attends to a view of its own region, nothing copied
+            for i, (slot, length) in enumerate(plan.decode_rows):
+                o = _sdpa(qd[i], cache.k[layer][slot, :, :length], cache.v[layer][slot, :, :length], scale=scaling)
+                out[i] = o.reshape(h, dv)  # [kvh, g, dv] -> [h, dv]
+        else:  # on a GPU (a graph's static shapes; few launches): the regions gathered, the rest masked
+            S = plan.decode_max_len
+            k = cache.k[layer].index_select(0, plan.decode_slots)[:, :, :S]  # [D, kvh, S, dk]
+            v = cache.v[layer].index_select(0, plan.decode_slots)[:, :, :S]
+            mask = torch.arange(S, device=q.device)[None, :] < plan.decode_lengths[:, None]  # [D, S]
+            out[:D] = _sdpa(qd, k, v, attn_mask=mask[:, None, None], scale=scaling).reshape(D, h, dv)
     for c in plan.prefills:
         end = c.start + c.length
         k = _heads(cache.k[layer][c.slot, :, :end], h)[None]  # [1, h, end, dk]
