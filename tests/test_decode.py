@@ -40,13 +40,13 @@ def test_static_cache_decode_gives_transformers_tokens(family, model_dir, adapte
 
 
 @CUDA
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_graph_decode_equals_eager(family, model_dir, adapters, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("family", GRAPH_FAMILIES)
+def test_cuda_graph_decode_equals_eager(family, model_dir, adapters):  # noqa: F811
     """Every expert on the GPU, bf16: the replayed steps give the eager steps' tokens (the same
     kernels). (Against transformers' own loop the CPU test checks in fp32: in bf16 its dynamic
     cache's attention rounds differently, which can flip near-tied tokens of a tiny random model.)
-    Families not yet in GRAPH_FAMILIES are checked too, so the device run says whether they can be."""
-    monkeypatch.setattr("expertlora.decode.GRAPH_FAMILIES", (*GRAPH_FAMILIES, family))
+    DeepSeek-V2 / V3 (not in GRAPH_FAMILIES) still hit a CUDA misaligned address here on the H200,
+    without cuDNN's attention too; the engine's graphs, with their own attention, cover them."""
     base, ads = adapters(family)
     everything = masks("prefix", base, base.num_experts)
     lm = load_model(model_dir(family), "bf16", adapters=ads, threads=2, device="cuda", gpu_masks=everything)

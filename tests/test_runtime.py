@@ -355,3 +355,20 @@ def test_hybrid_engine_equals_cpu(ratio, model_dir, fused_adapter):
         with Engine(config) as e:
             results.append([o.token_ids for o in e.generate(prompts, adapters, s)])
     assert results[0] == results[1]
+
+
+def test_kv_cache_stays_within_its_budget(model_dir):
+    """--kv-cache-memory is a bound: the regions allocated (a CUDA graph engine's pad region
+    included) fit in it, and a budget below one region is refused."""
+    from expertlora.runtime.engine import slots_in_budget
+
+    assert slots_in_budget(budget=10_000, per_slot=1_000, max_num_seqs=64, pad=False) == 10
+    assert slots_in_budget(budget=10_000, per_slot=1_000, max_num_seqs=64, pad=True) == 9  # + the pad region: 10 in all
+    assert slots_in_budget(budget=10_000, per_slot=1_000, max_num_seqs=4, pad=True) == 4
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", max_model_len=32)) as e:
+        per_slot = e.cache.nbytes // e.cache.num_slots
+    budget = 3 * per_slot + per_slot // 2
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", max_model_len=32, kv_cache_memory=budget)) as e:
+        assert e.cache.num_slots == 3 and e.cache.nbytes <= budget
+    with pytest.raises(ValueError, match="holds no sequence of max_model_len 32"):
+        Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", max_model_len=32, kv_cache_memory=per_slot // 2))

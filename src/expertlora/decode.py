@@ -22,9 +22,10 @@ import torch
 from .integration import LoadedModel
 
 # Families whose graph decode equals their eager decode on the H200 (tests/test_decode.py). The tiny
-# DeepSeek-V2 / V3 models (multi-head latent attention) failed on the GPU in torch's cuDNN
-# attention, eagerly too; decoding avoids that backend (_no_cudnn_attention) and they are listed
-# once the device has checked them.
+# DeepSeek-V2 / V3 models (multi-head latent attention) failed in torch's cuDNN attention, eagerly
+# too; decoding here avoids that backend (_no_cudnn_attention), and they still hit a CUDA
+# "misaligned address" on the H200 (2026-12-01), not located: they decode eagerly here. The
+# serving engine's graphs (its own attention) replay them.
 GRAPH_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
 
 

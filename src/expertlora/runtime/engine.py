@@ -367,13 +367,20 @@ class Engine:
         dtype = self.lm.model.dtype
         per_slot = KVCache.bytes_per_slot(shapes, self.max_model_len, dtype)
         budget = self.config.kv_cache_memory or _default_kv_budget(self.runner.device)
-        slots = min(self.config.max_num_seqs, budget // per_slot)
+        pad = self.runner.graphs
+        slots = slots_in_budget(budget, per_slot, self.config.max_num_seqs, pad)
         if slots < 1:
             raise ValueError(
                 f"the KV cache budget of {budget} bytes holds no sequence of max_model_len {self.max_model_len} "
                 f"({per_slot} bytes each): lower --max-model-len or raise --kv-cache-memory"
             )
-        return KVCache(shapes, slots, self.max_model_len, dtype, self.runner.device, pad_slot=self.runner.graphs)
+        return KVCache(shapes, slots, self.max_model_len, dtype, self.runner.device, pad_slot=pad)
+
+
+def slots_in_budget(budget: int, per_slot: int, max_num_seqs: int, pad: bool) -> int:
+    """Sequence regions of ``per_slot`` bytes that fit in ``budget`` beside the graphs' pad region
+    (``pad``), at most ``max_num_seqs``."""
+    return min(max_num_seqs, budget // per_slot - pad)
 
 
 class _Stop(BaseException):
