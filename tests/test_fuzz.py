@@ -50,7 +50,9 @@ from .fuzz_inputs import (
     EITHER, INVALID, VALID, Expect, Raw, Sandbox, check_api, check_cli, dump_json, nested, read_safetensors,
     safetensors_bytes,
 )
-from .test_bad_input import ALPHA, E, H, I, LAYERS, R, WEIGHTS, Payload, Plain, pe_key, per_expert, stacked_tensors, write_canonical, write_seed_pt
+from .test_bad_input import (
+    ALPHA, E, H, I, LAYERS, R, WEIGHTS, Payload, Plain, edit_tensors, pe_key, per_expert, stacked_tensors, write_canonical, write_seed_pt,
+)
 
 settings.register_profile(
     "expertlora-fuzz",
@@ -704,7 +706,7 @@ def test_foreign_module(seeds, sandbox, case, cmd, base):
         src = copy_source(seeds, "per-expert", w)
         extra = {f"base_model.model.{module}.lora_A.weight": torch.randn(a_shape, generator=g) * 0.2,
                  f"base_model.model.{module}.lora_B.weight": torch.randn(b_shape, generator=g) * 0.2}
-        _edit_tensors(src / WEIGHTS, lambda t: t.update(extra))
+        edit_tensors(src / WEIGHTS, lambda t: t.update(extra))
         known = base or cmd == "run"  # without the base, nothing says the module is foreign
         argv, expect = command(cmd, src, w, seeds, outcome if known or outcome == VALID else EITHER, f"LoRA on {case} ({module})", base=base)
         if not base:
@@ -966,17 +968,6 @@ def test_keys_normalising_to_one_tensor(seeds, sandbox, data):
 # ---- 9. size bombs: claimed sizes far beyond the files ------------------------------------------------------
 
 
-def _edit_tensors(file: Path, fn) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(file, framework="pt") as f:
-        meta = f.metadata()
-    t = load_file(file)
-    fn(t)
-    save_file(t, str(file), metadata=meta)
-
-
 def _bomb(case: str, seeds: Seeds, w: Path, n: int) -> list[tuple[list, Expect]]:
     """The calls of one size-bomb case with claimed size ``n``."""
     note = f"{case} (N = {n})"
@@ -994,12 +985,12 @@ def _bomb(case: str, seeds: Seeds, w: Path, n: int) -> list[tuple[list, Expect]]
 
     if case == "expert id N in a per-expert key":
         src = copy_source(seeds, "per-expert", w)
-        _edit_tensors(src / WEIGHTS, lambda t: t.update({pe_key(1, n, "gate_proj", ab): t[pe_key(1, 0, "gate_proj", ab)].clone() for ab in "AB"}))
+        edit_tensors(src / WEIGHTS, lambda t: t.update({pe_key(1, n, "gate_proj", ab): t[pe_key(1, 0, "gate_proj", ab)].clone() for ab in "AB"}))
         cmds(src, INVALID)
         cmds(src, INVALID, base=True, commands=("inspect", "run"))
     elif case == "layer id N in a per-expert key":
         src = copy_source(seeds, "per-expert", w)
-        _edit_tensors(src / WEIGHTS, lambda t: t.update({pe_key(n, 0, "gate_proj", ab): t[pe_key(1, 0, "gate_proj", ab)].clone() for ab in "AB"}))
+        edit_tensors(src / WEIGHTS, lambda t: t.update({pe_key(n, 0, "gate_proj", ab): t[pe_key(1, 0, "gate_proj", ab)].clone() for ab in "AB"}))
         cmds(src, INVALID, commands=("inspect", "convert", "run"))
     elif case in ("num_experts N in config.json", "hidden_size N in config.json", "moe_intermediate_size N in config.json"):
         m = model_with(case.split()[0], n)
