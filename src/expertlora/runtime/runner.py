@@ -54,7 +54,8 @@ class ModelRunner:
         self.model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
         self.device = self.model.device
         self.graphs = graphs and graphs_possible(lm)
-        self._part = getattr(lm.engine, "graph_part", None) if self.graphs else None  # hybrid: the CPU parts in graphs
+        # graphs_possible holds only for a HybridMoE; its graph_part runs CPU experts in graphs (None: all on the GPU)
+        self._part = lm.engine.graph_part if self.graphs else None
         self._graphs: dict[tuple[int, int], _StepGraph] = {}
         self._pool = None
 
