@@ -204,7 +204,7 @@ def load_setup(
     tokenizer = load_tokenizer(model_dir)
     ids = _prompt_ids(prompt, prompt_ids, tokenizer, model_dir)
     check_prompts(model_dir, [ids], sampling.max_new_tokens if sampling else 0, numbered=False)
-    masks = _gpu_masks(base, device, gpu_experts, gpu_ratio, placement)
+    masks = gpu_masks_for(base, device, gpu_experts, gpu_ratio, placement)
     adapters = {name: load_adapter(path, base) for name, path in named.items()}
     for name, adapter in adapters.items():
         check_seed_flags(name, adapter, lora_rank, lora_alpha)
@@ -283,7 +283,7 @@ def _check_seed_flag_values(named: dict, rank: int | None, alpha: float | None) 
         raise ValueError(f"--kt-moe-lora-alpha {alpha}: expected a finite number")
 
 
-def _gpu_masks(base, device: str, gpu_experts: int | None, gpu_ratio: float | None, placement: str):
+def gpu_masks_for(base, device: str, gpu_experts: int | None, gpu_ratio: float | None, placement: str):
     """Per-layer GPU expert masks from the placement options; None when every expert is on the CPU."""
     from .placement import gpu_expert_count, gpu_masks, parse_placement
 

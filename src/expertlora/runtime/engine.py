@@ -408,25 +408,17 @@ def _load(config: EngineConfig, progress: Callable | None):
     from ..gpu_prefill import threshold_for
     from ..integration import load_model
     from ..model_config import MoEConfig
-    from ..placement import gpu_expert_count, gpu_masks, parse_placement
     from ..quantize import resolve_method
-    from ..run import load_tokenizer
+    from ..run import gpu_masks_for, load_tokenizer
     from .adapters import check_name
 
     method = resolve_method(config.method)
     base = MoEConfig.from_model_dir(config.model)
-    if config.device != "cpu" and not torch.cuda.is_available():
-        raise ValueError(f"device {config.device}: no CUDA GPU is visible to PyTorch here")
-    count = gpu_expert_count(base.num_experts, config.gpu_experts, config.gpu_experts_ratio)
-    masks = None
-    if count:
-        if config.device == "cpu":
-            raise ValueError("GPU experts need device cuda")
-        strategy, stats = parse_placement(config.placement)
-        masks = gpu_masks(base.num_experts, base.moe_layers, count, strategy, stats)
+    masks = gpu_masks_for(base, config.device, config.gpu_experts, config.gpu_experts_ratio, config.placement)
     adapters = {check_name(name): load_adapter(path, base) for name, path in config.adapters}
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype]
-    prefill = threshold_for(config.gpu_prefill_threshold, method, config.device, count < base.num_experts)
+    cpu_experts = masks is None or not all(bool(m.all()) for m in masks.values())
+    prefill = threshold_for(config.gpu_prefill_threshold, method, config.device, cpu_experts)
     lm = load_model(config.model, method, dtype, adapters, threads=config.threads, group_size=config.group_size, progress=progress,
                     backend=config.backend, device=config.device, gpu_masks=masks, kt_weight_path=config.kt_weight_path,
                     gpu_prefill_threshold=prefill)
