@@ -41,7 +41,7 @@ def greedy_decode(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int,
     if graph and not graph_ready(lm):
         raise ValueError(f"a CUDA graph decode needs the GPU experts in bf16 (host nodes where some experts are on the CPU) "
                          f"and a model of {', '.join(GRAPH_FAMILIES)}")
-    part = lm.engine.graph_part if graph and not _all_on_gpu(lm.engine) else None
+    part = lm.engine.graph_part if graph else None  # None: every expert on the GPU, no host nodes
     cache = StaticCache(config=model.config, max_cache_len=S + max_new_tokens)
     generated = torch.empty(B, max_new_tokens, dtype=torch.long, device=input_ids.device)
     token = torch.empty(B, 1, dtype=torch.long, device=input_ids.device)  # the step's input, then its output
@@ -93,10 +93,7 @@ def graph_ready(lm: LoadedModel) -> bool:
     some are there, and a family whose replayed decode was checked on a GPU."""
     from .hybrid import HybridMoE
 
-    engine = lm.engine
-    if lm.model.config.model_type not in GRAPH_FAMILIES or not isinstance(engine, HybridMoE) or not engine.gpu.graphs:
-        return False
-    return _all_on_gpu(engine) or engine.enable_graphs() is None
+    return lm.model.config.model_type in GRAPH_FAMILIES and isinstance(lm.engine, HybridMoE) and lm.engine.graphs_ready()
 
 
 def _no_cudnn_attention(device: torch.device):
@@ -106,8 +103,3 @@ def _no_cudnn_attention(device: torch.device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def _all_on_gpu(engine) -> bool:
-    E = engine.cpu.slots.shape[0]
-    return all(engine.gpu.num_resident(L) == E for L in engine.gpu.layers)

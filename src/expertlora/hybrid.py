@@ -104,6 +104,15 @@ class HybridMoE:
             hybrid.enable_gpu_prefill(gpu_prefill_threshold)
         return hybrid
 
+    def graphs_ready(self) -> bool:
+        """Whether a step can be captured in a CUDA graph: GPU experts on a path that never waits
+        for the device (bf16 grouped matmuls), and host nodes for the CPU experts where some are
+        there (enabled here then)."""
+        E = self.cpu.slots.shape[0]
+        if not self.gpu.graphs:
+            return False
+        return all(self.gpu.num_resident(L) == E for L in self.gpu.layers) or self.enable_graphs() is None
+
     def enable_graphs(self) -> str | None:
         """Let steps with CPU experts be captured in CUDA graphs (through host nodes); returns
         None when they can be, else why not. Replay such graphs with ``graph_part.replay``."""

@@ -160,9 +160,5 @@ def graphs_possible(lm: LoadedModel) -> bool:
     the device (bf16, where grouped matmuls run there), and for CPU experts, host nodes."""
     from ..hybrid import HybridMoE
 
-    engine = lm.engine
-    if not isinstance(engine, HybridMoE) or not engine.gpu.graphs:
-        return False
-    E = engine.cpu.slots.shape[0]
-    return all(engine.gpu.num_resident(L) == E for L in engine.gpu.layers) or engine.enable_graphs() is None
+    return isinstance(lm.engine, HybridMoE) and lm.engine.graphs_ready()
 
