@@ -372,24 +372,18 @@ def _run_prompts_file(config, path: Path, max_new_tokens: int, lora_rank, lora_a
     """run --prompts-file: check every line, load the engine, run them all, one JSON line each."""
     from rich.progress import Progress
 
-    from .run import check_seed_flags
+    from .run import check_seed_flags, loading_bar
     from .runtime import Engine
     from .runtime.prompts_file import check_jobs, read_jobs, run_jobs
 
     jobs = read_jobs(path, max_new_tokens)  # every line checked before the model loads
-    with Engine(config, progress=_load_bar if progress else None) as engine:
+    with Engine(config, progress=loading_bar if progress else None) as engine:
         for name, adapter in engine.lm.adapters.items():
             check_seed_flags(name, adapter, lora_rank, lora_alpha)
         ids = check_jobs(path, jobs, engine)
         with Progress(console=err_console, transient=True, disable=not progress) as bar:
             task = bar.add_task("requests", total=len(jobs))
             run_jobs(engine, jobs, ids, lambda line: print(json.dumps(line), flush=True), lambda: bar.advance(task))
-
-
-def _load_bar(items, description: str):
-    from rich.progress import track
-
-    return track(items, description=f"loading {description}", transient=True, console=err_console)
 
 
 def _stdout_for_results():

@@ -208,7 +208,7 @@ def load_setup(
     adapters = {name: load_adapter(path, base) for name, path in named.items()}
     for name, adapter in adapters.items():
         check_seed_flags(name, adapter, lora_rank, lora_alpha)
-    bar = _rich_progress if progress else None
+    bar = loading_bar if progress else None
     cpu_experts = masks is None or not all(bool(m.all()) for m in masks.values())
     prefill = threshold_for(gpu_prefill_threshold, method, device, cpu_experts)
     lm = load_model(model_dir, method, dtypes[dtype], adapters, threads=threads, group_size=group_size, progress=bar,
@@ -329,9 +329,9 @@ def check_seed_flags(name: str, adapter, rank: int | None, alpha: float | None) 
             raise ValueError(f"{flag} {value}: adapter {name} has {attr} {', '.join(map(str, sorted(found)))}")
 
 
-def _rich_progress(items, description: str):
+def loading_bar(items, description: str):
+    """``load_model``'s progress: a transient rich bar on stderr (stdout carries results)."""
     from rich.console import Console
     from rich.progress import track
 
-    # on stderr: stdout carries the result (--json)
     return track(items, description=f"loading {description}", transient=True, console=Console(stderr=True))

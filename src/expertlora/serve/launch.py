@@ -47,7 +47,7 @@ def serve(
     except OSError as e:
         return _fail(err, f"{host}:{port}: {e.strerror or e}", 1)
     try:
-        engine = _engine(engine_config, progress, err)
+        engine = _engine(engine_config, progress)
     except ValueError as e:
         sock.close()
         return _fail(err, str(e), 2)
@@ -105,15 +105,11 @@ def _check_seed_flags(config, rank: int | None, alpha: float | None) -> None:
                 raise AdapterError(path, None, f"{attr} {value} ({flag})", ", ".join(map(str, sorted(found))))
 
 
-def _engine(config, progress: bool, err):
-    from rich.progress import track
-
+def _engine(config, progress: bool):
+    from ..run import loading_bar
     from ..runtime import Engine
 
-    def bar(items, description):
-        return track(items, description=description, transient=True, console=err)
-
-    return Engine(config, progress=bar if progress else None)
+    return Engine(config, progress=loading_bar if progress else None)
 
 
 def _fail(err, message: str, code: int) -> int:
