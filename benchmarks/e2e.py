@@ -16,7 +16,12 @@ short warm-up first (PEFT's row does not: one step takes seconds).
 With --device cuda, transformers and PEFT run wholly on the GPU, and expertlora (bf16) runs the
 non-expert layers there with --gpu-shares percent of each layer's experts (uniform placement),
 the rest on the CPU engine. A further row per share decodes with decode.greedy_decode, each step
-replayed as one CUDA graph (the CPU experts inside it through host nodes).
+replayed as one CUDA graph (the CPU experts inside it through host nodes). On the GPU, --methods
+picks the CPU experts' methods (default bf16), and --gpu-prefill adds a row per method and share
+with GPU prefill on (gpu_prefill.py, the method's default threshold): the prefill against the row
+without it is the lever's end-to-end gain.
+
+    python benchmarks/e2e.py --device cuda --gpu-shares 0 --methods bf16,int4 --prompt-tokens 2048 --gpu-prefill
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 
 from expertlora import MoEConfig, load_adapter
 from expertlora.decode import graph_ready
+from expertlora.gpu_prefill import default_threshold
 from expertlora.integration import load_model
 from expertlora.placement import gpu_masks
 from moe_layer import cpu_name, emit  # this folder is on sys.path when a benchmark runs as a script
@@ -92,7 +98,7 @@ def graph_decode_speed(lm, prompt: torch.Tensor, new_tokens: int) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="bf16,int8,int4")
+    p.add_argument("--methods", default=None, help="default: bf16,int8,int4 on the CPU, bf16 on the GPU")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -102,8 +108,10 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu, or cuda (then --gpu-shares)")
     p.add_argument("--gpu-shares", default="0,25,50,100", help="with --device cuda: percent of each layer's experts on the GPU")
     p.add_argument("--workdir", default=None, help="where the random checkpoint goes (default: a temporary folder)")
+    p.add_argument("--gpu-prefill", action="store_true", help="with --device cuda: rows with GPU prefill on as well")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args()
+    methods = (args.methods or ("bf16,int8,int4" if args.device == "cpu" else "bf16")).split(",")
     warnings.simplefilter("ignore")
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -139,11 +147,17 @@ def main():
         base = MoEConfig.from_model_dir(work / "model")
         adapter = load_adapter(work / "adapter", base)
         if args.device == "cpu":
-            runs = [(method, "", {}) for method in args.methods.split(",")]
+            runs = [(method, "", {}) for method in methods]
         else:
-            runs = [("bf16", f", {share}% of experts on the GPU", dict(device=args.device, gpu_masks=gpu_masks(
-                base.num_experts, base.moe_layers, round(int(share) / 100 * base.num_experts), "uniform")))
-                for share in args.gpu_shares.split(",")]
+            runs = []
+            for method in methods:
+                for share in map(int, args.gpu_shares.split(",")):
+                    masks = gpu_masks(base.num_experts, base.moe_layers, round(share / 100 * base.num_experts), "uniform")
+                    runs.append((method, f", {share}% of experts on the GPU", dict(device=args.device, gpu_masks=masks)))
+                    if args.gpu_prefill and share < 100:
+                        N = default_threshold(method)
+                        runs.append((method, f", {share}% of experts on the GPU, GPU prefill from {N} tokens",
+                                     dict(device=args.device, gpu_masks=masks, gpu_prefill_threshold=N)))
         for method, label, placement in runs:
             # on the GPU, the default leaves a core to the thread that drives it
             engine_threads = threads if args.device == "cpu" else args.threads
@@ -152,7 +166,8 @@ def main():
                 lm.use([name])
                 rows.append((f"expertlora {'+ adapter' if name else 'no adapter'}{label}", method, *speeds(lm.model, prompt, args.new_tokens)))
                 print(rows[-1], flush=True)
-                if args.device != "cpu" and graph_ready(lm):  # every GPU share: CPU experts run in the graph via host nodes
+                # every GPU share: CPU experts run in the graph via host nodes (GPU prefill does not change decode)
+                if args.device != "cpu" and "gpu_prefill_threshold" not in placement and graph_ready(lm):
                     try:
                         rows.append((f"{rows[-1][0]}, decode step as one CUDA graph", method, rows[-1][2],
                                      graph_decode_speed(lm, prompt, args.new_tokens)))

@@ -286,7 +286,7 @@ def hybrid_part(args) -> list[dict]:
         hybrid.load_adapter("a", adapter)
         for T in [int(t) for t in args.tokens.split(",")]:
             calls = args.calls if T < 512 else max(4, args.calls // 4)
-            rts = routings(T, E, k, 5 * (calls + args.warmup), seed=T)  # a fresh routing per call of each of the 5 variants
+            rts = routings(T, E, k, 6 * (calls + args.warmup), seed=T)  # a fresh routing per call of each of the 6 variants
             x = torch.randn(T, H, dtype=torch.bfloat16)
             x_gpu = x.to(DEVICE)
             gpu_rts = [(ids.to(DEVICE), w.to(DEVICE)) for ids, w in rts]
@@ -295,6 +295,7 @@ def hybrid_part(args) -> list[dict]:
             slots_gpu = slots_cpu.to(DEVICE)
             L = lambda i: i % n_layers  # noqa: E731
             times = {
+                "graph": replayed(hybrid, n_layers, x_gpu, gpu_rts, slots_gpu),
                 "hybrid": lambda i: hybrid.forward(L(i), x_gpu, *gpu_rts[i], slots_cpu),
                 "threaded": lambda i: threaded.forward(L(i), x_gpu, *gpu_rts[i], slots_cpu),
                 "inline": lambda i: inline.forward(L(i), x_gpu, *gpu_rts[i], slots_cpu),
@@ -305,15 +306,47 @@ def hybrid_part(args) -> list[dict]:
             for j, (what, fn) in enumerate(times.items()):
                 row[what] = wall_ms(lambda i, fn=fn, j=j: fn(j * (calls + args.warmup) + i), calls, args.warmup)
             row["overlap"] = row["hybrid"] / max(row["cpu"], row["gpu"])
+            row["graph_overlap"] = row["graph"] / max(row["cpu"], row["gpu"])
             if args.profile and share == 50 and T == 1:
                 profile_calls(lambda i: hybrid.forward(L(i), x_gpu, *gpu_rts[i], slots_cpu), calls)
             rows.append(row)
             print(f"hybrid {share:3d}% T={T:4d}: hybrid {row['hybrid']:.3f} ms (worker thread {row['threaded']:.3f}, inline {row['inline']:.3f}), "
                   f"CPU part {row['cpu']:.3f}, GPU part {row['gpu']:.3f}, "
-                  f"hybrid / max {row['overlap']:.2f}", flush=True)
+                  f"hybrid / max {row['overlap']:.2f}; as one CUDA graph {row['graph']:.3f} ms, / max {row['graph_overlap']:.2f}", flush=True)
         del cpu, gpu, hybrid, threaded, inline
         empty_cache()
     return rows
+
+
+def replayed(hybrid: HybridMoE, n_layers: int, x, routings: list, slots):
+    """fn(i): the hybrid layer call of layer i % n_layers with routing i, replayed from a CUDA graph
+    captured per layer (the CPU part through host nodes, hybrid_graph.py), the routing copied into
+    the graph's input buffers first; None where the hybrid cannot be captured."""
+    if not (x.is_cuda and hybrid.graphs_ready()):
+        return lambda i: None
+    part = hybrid.graph_part  # None: every expert on the GPU, nothing for the host
+    ids, weights = (t.clone() for t in routings[0])
+    graphs = []
+    for L in range(n_layers):
+        if part is not None:
+            part.preparing = True  # the pinned buffers, allocated by an eager call
+            hybrid.forward(L, x, ids, weights, slots)
+            part.preparing = False
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            hybrid.forward(L, x, ids, weights, slots)
+        graphs.append((graph, part.take_captured() if part is not None else []))
+
+    def call(i):
+        ids.copy_(routings[i][0])
+        weights.copy_(routings[i][1])
+        graph, calls = graphs[i % n_layers]
+        if part is None:
+            graph.replay()
+        else:
+            part.replay(calls, graph)
+
+    return call
 
 
 def profile_calls(fn, calls: int) -> None:
@@ -349,10 +382,11 @@ def markdown(gpu_rows: list[dict], hybrid_rows: list[dict], header: str) -> str:
                 f"{r['hf_ms']:.3f} | {r['peft_ms']:.2f} | {r['peft_ms'] / r['lora_ms']:.0f}x |" for r in gpu_rows]
         out.append("")
     if hybrid_rows:
-        out += ["| GPU share | tokens | hybrid ms | CPU part on the worker thread ms | CPU part on the calling thread ms | CPU part alone ms | GPU part alone ms | hybrid / max(parts) |",
-                "|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r['share']}% | {r['tokens']} | {r['hybrid']:.3f} | {r['threaded']:.3f} | {r['inline']:.3f} | {r['cpu']:.3f} | {r['gpu']:.3f} | {r['overlap']:.2f} |"
-                for r in hybrid_rows]
+        out += ["| GPU share | tokens | hybrid ms | CPU part on the worker thread ms | CPU part on the calling thread ms | CPU part alone ms | GPU part alone ms | hybrid / max(parts) | "
+                "hybrid as one CUDA graph (host nodes) ms | graph / max(parts) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['share']}% | {r['tokens']} | {r['hybrid']:.3f} | {r['threaded']:.3f} | {r['inline']:.3f} | {r['cpu']:.3f} | {r['gpu']:.3f} | {r['overlap']:.2f} | "
+                f"{r['graph']:.3f} | {r['graph_overlap']:.2f} |" for r in hybrid_rows]
     return "\n".join(out) + "\n"
 
 

@@ -1,9 +1,11 @@
 """Where greedy_decode fails on a GPU, one family and mode per process (a CUDA fault poisons the
 process that hits it): each tiny family, bf16, every expert on the GPU, decoded eagerly with
 StaticCache and then with the replayed graph, with CUDA_LAUNCH_BLOCKING=1 so that a fault names
-its kernel.
+its kernel. The graph is also tried with one SDPA backend at a time (math, efficient, flash), with
+transformers' eager attention, and with the fused Triton experts off, to locate a fault.
 
     python scripts/decode_check.py [FAMILY ...]        (default: every family; needs CUDA)
+    MODES=eager,graph,graph-math python scripts/decode_check.py deepseek_v3
 """
 
 from __future__ import annotations
@@ -31,8 +33,17 @@ def check(family: str, mode: str, workdir: str) -> None:
         tokens = greedy_decode(lm, ids, 6, graph=False)
     else:
         import expertlora.decode as decode
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         decode.GRAPH_FAMILIES = (family,)  # the check, not the product's list
+        variant = mode.removeprefix("graph").removeprefix("-")
+        backends = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+        if variant == "eagerattn":
+            lm.model.set_attn_implementation("eager")
+        if variant == "unfused":
+            lm.engine.gpu.fused = False
+        if variant in backends:  # greedy_decode's own backend choice, narrowed to one
+            decode._no_cudnn_attention = lambda device: sdpa_kernel([backends[variant]])
         tokens = greedy_decode(lm, ids, 6)
     torch.cuda.synchronize()
     print(f"{family} {mode}: ok {tokens[0].tolist()}", flush=True)
@@ -45,7 +56,7 @@ def main():
     families = sys.argv[1:] or list(tiny.FAMILIES)
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     for family in families:
-        for mode in ("eager", "graph"):
+        for mode in os.environ.get("MODES", "eager,graph").split(","):
             done = subprocess.run([sys.executable, __file__, "--one", family, mode], env=env, capture_output=True, text=True)
             if done.returncode:
                 print(f"{family} {mode}: FAILED\n" + "\n".join((done.stdout + done.stderr).splitlines()[-25:]), flush=True)

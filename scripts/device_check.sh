@@ -6,7 +6,8 @@
 #   sweep    benchmarks/gpu_layer.py --parts sweep: the fused Triton kernels' block sizes
 #   hybrid   benchmarks/gpu_layer.py --parts hybrid: 0 / 25 / 50 / 100% of the experts on the GPU
 #   e2e      benchmarks/e2e.py --device cuda at the same GPU shares
-#   decode   scripts/decode_check.py: greedy_decode per family and mode, one process each (locates faults)
+#   decode   scripts/decode_check.py: greedy_decode per family and mode, one process each (locates faults);
+#            DECODE_FAMILIES="deepseek_v3" MODES=eager,graph,graph-math narrow it
 #   scripts/device_check.sh tests layer
 #   LAYER_TOKENS=1,4,16 HYBRID_TOKENS=1,32 scripts/device_check.sh layer hybrid   (token counts other than the default)
 # It uses the device's own torch / transformers / peft and runs the package from src/; kt-kernel
@@ -23,7 +24,7 @@ for part in "${@:-tests}"; do
     sweep) python3 benchmarks/gpu_layer.py --parts sweep --shapes qwen3-30b-a3b,mixtral-8x7b 2>&1 | tee -a "$OUT/sweep.log" ;;
     hybrid) python3 benchmarks/gpu_layer.py --parts hybrid ${HYBRID_TOKENS:+--tokens $HYBRID_TOKENS} --out "$OUT/hybrid.md" 2>&1 | grep -v "^|" | tee -a "$OUT/hybrid.log" ;;
     e2e) python3 benchmarks/e2e.py --device cuda --out "$OUT/e2e_gpu.md" 2>&1 | tail -16 | tee "$OUT/e2e_gpu.log" ;;
-    decode) python3 scripts/decode_check.py 2>&1 | tee "$OUT/decode.log" ;;
+    decode) python3 scripts/decode_check.py ${DECODE_FAMILIES:-} 2>&1 | tee "$OUT/decode.log" ;;
     *) echo "usage: $0 [tests] [sweep] [layer] [hybrid] [e2e] [decode]" >&2; exit 2 ;;
   esac
 done

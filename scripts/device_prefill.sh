@@ -4,6 +4,8 @@
 #   tests   tests/test_gpu_prefill.py, its CUDA cases included (page-locked blocks, the copy stream)
 #   bench   benchmarks/gpu_prefill.py: per layer at 512 / 2048 tokens against the copy time, and
 #           the crossover against the CPU path per method (METHODS, default bf16,int8,int4)
+#   e2e     benchmarks/e2e.py at 0% of the experts on the GPU, a 2048-token prompt (PROMPT), each of
+#           METHODS with GPU prefill off and on: the end-to-end prefill gain
 #   scripts/device_prefill.sh tests bench
 # It uses the device's own torch and runs the package from src/. Results go to $OUT.
 source "$(dirname "$0")/device_env.sh"
@@ -15,7 +17,9 @@ for part in "${@:-tests}"; do
   echo "== $part ($(date -u +%H:%M:%S))"
   case "$part" in
     tests) python3 -m pytest -q -p no:cacheprovider -rfs tests/test_gpu_prefill.py 2>&1 | tail -40 | tee "$OUT/prefill_tests.txt" ;;
+    e2e) python3 benchmarks/e2e.py --device cuda --gpu-shares 0 --methods "$METHODS" --prompt-tokens "${PROMPT:-2048}" \
+           --new-tokens 4 --gpu-prefill --out "$OUT/e2e_prefill.md" 2>&1 | tail -12 | tee "$OUT/e2e_prefill.log" ;;
     bench) python3 benchmarks/gpu_prefill.py --methods "$METHODS" --out "$OUT/gpu_prefill.md" 2>&1 | grep -v "^|" | tee "$OUT/gpu_prefill.log" ;;
-    *) echo "usage: $0 [tests] [bench]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests] [bench] [e2e]" >&2; exit 2 ;;
   esac
 done

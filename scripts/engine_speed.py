@@ -3,7 +3,10 @@
 The 4-layer Qwen3-30B-A3B-shaped random model of benchmarks/e2e.py (bf16, LoRA r 16 on experts and
 q_proj / o_proj), at 0 / 50 / 100% of each layer's experts on the GPU: N concurrent requests
 (same prompt length, ignore_eos), output tokens/s over the decode steps only (the time from the
-last request's first token to the end, with every request decoding), graphs off and on.
+last request's first token to the end, with every request decoding), graphs off and on. Beside each rate, what bounds it where experts are on the CPU: the CPU
+engine's own time per step (its calls timed on whichever thread runs them, eager or inside a
+replayed graph), the distinct CPU experts a layer reads per step, and the time those bytes take
+at this host's measured read bandwidth.
 
     python scripts/engine_speed.py [--shares 0,50,100] [--concurrency 1,8,32] [--new-tokens 64]
 """
@@ -44,7 +47,42 @@ def build(work: Path, vocab: int, layers: int) -> None:
     peft_model.save_pretrained(work / "adapter")
 
 
-def decode_rate(engine: Engine, n: int, prompt_len: int, new_tokens: int, vocab: int) -> float:
+class CpuExpertClock:
+    """Times each call of the CPU engine (``MoELoRAEngine.forward``) and counts the distinct
+    experts it runs: (start, end, distinct) per call, appended from whichever thread calls it."""
+
+    def __init__(self, engine: Engine):
+        self.calls: list[tuple[float, float, int]] = []
+        moe = engine.lm.engine
+        self.cpu = getattr(moe, "cpu", moe)  # a HybridMoE's CPU engine, or the CPU engine itself
+        self.layers = len(self.cpu.layers)
+        self.expert_bytes = next(iter(self.cpu.layers.values())).expert_nbytes()
+        inner = self.cpu.forward
+
+        def timed(layer, x, ids, weights, slots=None):
+            t0 = time.perf_counter()
+            y = inner(layer, x, ids, weights, slots)
+            E = self.cpu.slots.shape[0]
+            distinct = int(ids[(ids >= 0) & (ids < E)].unique().numel())
+            self.calls.append((t0, time.perf_counter(), distinct))
+            return y
+
+        self.cpu.forward = timed
+
+    def per_step(self, start: float, end: float) -> tuple[float, float, float]:
+        """(CPU engine ms per step, distinct experts per layer call, expert MB per step) over the
+        calls that began in [start, end]."""
+        inside = [c for c in self.calls if start <= c[0] <= end]
+        if not inside:
+            return float("nan"), float("nan"), float("nan")
+        steps = len(inside) / self.layers
+        distinct = sum(c[2] for c in inside) / len(inside)
+        return 1e3 * sum(b - a for a, b, _ in inside) / steps, distinct, distinct * self.layers * self.expert_bytes / 1e6
+
+
+def decode_rate(engine: Engine, n: int, prompt_len: int, new_tokens: int, vocab: int,
+                clock: CpuExpertClock | None = None) -> tuple[float, float, tuple]:
+    """(output tokens/s over the decode window, step ms, the clock's per-step figures)."""
     g = torch.Generator().manual_seed(n)
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(n)]
     s = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -54,7 +92,11 @@ def decode_rate(engine: Engine, n: int, prompt_len: int, new_tokens: int, vocab:
     start = max(o.first_token_time for o in outs)
     end = max(o.finished_time for o in outs)
     # tokens produced after every request had its first token
-    return sum(len(o.token_ids) - 1 for o in outs) / (end - start) if end > start else float("nan")
+    if end <= start:
+        return float("nan"), float("nan"), (float("nan"),) * 3
+    tokens = sum(len(o.token_ids) - 1 for o in outs)
+    per_step = clock.per_step(start, end) if clock else (float("nan"),) * 3
+    return tokens / (end - start), 1e3 * (end - start) * n / tokens, per_step
 
 
 def main():
@@ -65,34 +107,51 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--device", default="cuda", help="cuda; cpu only to try the script (no graphs there)")
+    p.add_argument("--cache-mb", type=int, default=300, help="the CPU's L3 in MiB (the read bandwidth buffer is 8x)")
     args = p.parse_args()
     warnings.simplefilter("ignore")
+    from moe_layer import bandwidth  # noqa: E402 - benchmarks/ is on the path
+
+    read_gbs, _ = bandwidth(args.cache_mb)
+    print(f"read bandwidth {read_gbs:.1f} GB/s", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="expertlora-engine-") as tmp:
         work = Path(tmp)
         build(work, args.vocab, args.layers)
         for share in map(int, args.shares.split(",")):
             for graphs in (False, True):
-                cfg = EngineConfig(work / "model", method="bf16", adapters={"lora": work / "adapter"}, device="cuda",
+                cfg = EngineConfig(work / "model", method="bf16", adapters={"lora": work / "adapter"}, device=args.device,
                                    gpu_experts_ratio=share / 100, placement="uniform", max_num_seqs=64, max_model_len=256,
                                    cuda_graphs=graphs)
                 t0 = time.perf_counter()
                 with Engine(cfg) as engine:
                     load_s = time.perf_counter() - t0
+                    clock = CpuExpertClock(engine)
                     for n in map(int, args.concurrency.split(",")):
-                        rate = decode_rate(engine, n, args.prompt_tokens, args.new_tokens, args.vocab)
-                        rows.append((share, graphs and engine.runner.graphs, n, rate))
-                        print(f"share {share}% graphs {rows[-1][1]} concurrency {n}: {rate:.1f} output tokens/s (load {load_s:.0f} s)", flush=True)
+                        rate, step_ms, (cpu_ms, distinct, mb) = decode_rate(engine, n, args.prompt_tokens, args.new_tokens, args.vocab, clock)
+                        rows.append((share, graphs and engine.runner.graphs, n, rate, step_ms, cpu_ms, distinct, mb))
+                        print(f"share {share}% graphs {rows[-1][1]} concurrency {n}: {rate:.1f} output tokens/s, step {step_ms:.2f} ms, "
+                              f"CPU engine {cpu_ms:.2f} ms/step, {distinct:.1f} CPU experts/layer, {mb:.0f} MB/step (load {load_s:.0f} s)", flush=True)
                 torch.cuda.empty_cache()
-    print(f"\n### {torch.cuda.get_device_name()}, torch {torch.__version__}: engine decode, {args.layers} layers Qwen3-30B-A3B shape, bf16, "
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU only"
+    print(f"\n### {card}, torch {torch.__version__}: engine decode, {args.layers} layers Qwen3-30B-A3B shape, bf16, "
           f"LoRA r {RANK} (half the requests), prompt {args.prompt_tokens}, {args.new_tokens} new tokens\n")
-    print("| experts on GPU | concurrency | eager tokens/s | graphs tokens/s | graphs / eager |\n|---|---|---|---|---|")
-    table = {(s, g, n): r for s, g, n, r in rows}
+    print(f"Read bandwidth {read_gbs:.1f} GB/s. Bound: the CPU experts' bytes per step at that bandwidth, and the "
+          "tokens/s it allows (concurrency / bound).\n")
+    print("| experts on GPU | concurrency | eager tokens/s | graphs tokens/s | graphs / eager | eager step ms | graph step ms "
+          "| CPU engine ms/step (eager / graphs) | CPU experts/layer | CPU expert MB/step | bound ms/step | bound tokens/s | bound / eager |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    table = {(s, g, n): r for s, g, n, *r in rows}
+    nan = (float("nan"),) * 5
     for s in map(int, args.shares.split(",")):
         for n in map(int, args.concurrency.split(",")):
-            eager, graph = table.get((s, False, n)), table.get((s, True, n))
-            ratio = f"{graph / eager:.2f}" if eager and graph else "-"
-            print(f"| {s}% | {n} | {eager or float('nan'):.1f} | {graph or float('nan'):.1f} | {ratio} |")
+            eager, graph = table.get((s, False, n), nan), table.get((s, True, n), nan)
+            bound_ms = (graph if graph[4] == graph[4] else eager)[4] / read_gbs  # MB / (GB/s) = ms; nan where no expert is on the CPU
+            bound_rate = 1e3 * n / bound_ms
+            print(f"| {s}% | {n} | {eager[0]:.1f} | {graph[0]:.1f} | {graph[0] / eager[0]:.2f} | {eager[1]:.2f} | {graph[1]:.2f} "
+                  f"| {eager[2]:.2f} / {graph[2]:.2f} | {graph[3]:.1f} | {graph[4]:.0f} | {bound_ms:.2f} | {bound_rate:.0f} "
+                  f"| {bound_rate / eager[0]:.2f} |")
 
 
 if __name__ == "__main__":
