@@ -20,6 +20,7 @@ from .experts import ExpertWeights
 from .kernels import (
     METHOD_CODES,
     KernelUnavailable,
+    amx_from,
     cpu_kernel,
     has_amx,
     warn_unavailable,
@@ -73,6 +74,7 @@ class MoELoRAEngine:
         if onednn_from is None and self.method == "bf16" and has_amx():
             onednn_from = AMX_TOKENS_PER_EXPERT
         self.onednn_from = onednn_from
+        self.amx_from = amx_from()  # the kernel's experts with this many tokens use AMX tiles (0: never)
 
     @property
     def kernel(self) -> str:
@@ -127,6 +129,7 @@ class MoELoRAEngine:
                 METHOD_CODES[self.method], *weights.group_sizes,
                 *self.slots.kernel_args(layer),
                 self.threads,
+                self.amx_from,
             )
         return y.to(x.dtype)
 

@@ -20,7 +20,10 @@
 #include <omp.h>
 #include <torch/library.h>
 
+#include "amx.h"
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -103,19 +106,31 @@ struct I4W {
   const uint8_t* d; const float* s; int64_t N, K, group;
   __m512i lut;
   struct Row { const uint8_t* p; const float* scales; };
+  __m512 values;  // (i & 15) - 8 in fp32, lane i
   I4W(const uint8_t* d_, const float* s_, int64_t N_, int64_t K_, int64_t g_) : d(d_), s(s_), N(N_), K(K_), group(g_) {
     alignas(64) uint16_t table[32];
+    alignas(64) float f[16];
     for (int i = 0; i < 32; ++i) table[i] = bf16_of_small_int((i & 15) - 8);
+    for (int i = 0; i < 16; ++i) f[i] = float(i - 8);
     lut = _mm512_load_si512(table);
+    values = _mm512_load_ps(f);
   }
   Row row(int64_t e, int64_t n) const { return {d + (e * N + n) * (K / 2), s + (e * N + n) * (K / group)}; }
   const void* at(const Row& r, int64_t k) const { return r.p + k / 2; }
-  __m512bh chunk(const Row& r, int64_t k) const {
+  __m512bh chunk(const Row& r, int64_t k) const { return chunk(r, k, lut); }
+  // 32 values through a 16-entry bf16 table (only its first 16 words are read).
+  __m512bh chunk(const Row& r, int64_t k, __m512i table) const {
     // 16 bytes hold elements k..k+31, 2j in the low nibble: dword j = lo | hi << 16 is the pair.
     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(r.p + k / 2)));
     __m512i pair = _mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)),
                                    _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16));
-    return (__m512bh)_mm512_permutexvar_epi16(pair, lut);
+    return (__m512bh)_mm512_permutexvar_epi16(pair, table);
+  }
+  // The table of bf16((nibble - 8) * scale[row, g]): the AMX path's dequantized weights, the
+  // same values gpu_prefill.dequantize_into gives (the fp32 product rounded once to bf16).
+  __m512i scaled_table(const Row& r, int64_t g) const {
+    __m512 v = _mm512_mul_ps(values, _mm512_set1_ps(r.scales[g]));
+    return (__m512i)_mm512_cvtne2ps_pbh(v, v);
   }
   float scale(const Row& r, int64_t g) const { return r.scales[g]; }
 };
@@ -198,6 +213,126 @@ void rows_times_tokens(const W& w, int64_t e, int64_t n0, int64_t n1, const type
   }
 }
 
+// ---- AMX tiles (amx.h): 32 weight rows x 32 tokens a step, for experts with many tokens
+//
+// A tiles are weight rows (16 rows x 32 bf16 of K), B tiles an expert's tokens in VNNI layout,
+// C tiles 16 rows x 16 tokens in fp32. The tokens are packed once per expert and phase (not per
+// row task): per block of 16 tokens and chunk of 32 values of K, 16 rows of 16 dwords, dword
+// [kk][m] = the pair (x[m][32c + 2kk], x[m][32c + 2kk + 1]), a dword transpose of the tokens.
+// A block's unused token columns are zero (a C column depends on its own B column only).
+// bf16 rows are tile-loaded from a copy of the task's 32 rows (contiguous, so the copy streams)
+// or, with EXPERTLORA_AMX_DIRECT=1, straight from the [E, N, K] storage; int8 rows are turned
+// into exact bf16 and their scale applied to the C rows, as the AVX-512 path does; int4 rows are
+// dequantized with their group scales into bf16 (gpu_prefill's dequantization), so a C tile
+// needs no per-group rescaling.
+
+constexpr int64_t kAmxRows = 32;       // two A tiles
+constexpr int64_t kBlockVals = 16 * 32;  // bf16 values in one B tile
+
+// Pack n <= 16 token rows x (K values each) into one block of the packed layout.
+inline void pack_block(const uint16_t* const* x, int64_t n, int64_t K, uint16_t* block) {
+  uint32_t* d = (uint32_t*)block;
+  for (int64_t c = 0; c < K / 32; ++c, d += 256)
+    for (int64_t m = 0; m < 16; ++m) {
+      const uint32_t* s = m < n ? (const uint32_t*)x[m] + c * 16 : nullptr;
+      for (int64_t kk = 0; kk < 16; ++kk) d[kk * 16 + m] = s ? s[kk] : 0;
+    }
+}
+
+// Write 16 bf16 values of token m (the m-th of its block), columns c .. c + 15 (c % 16 == 0), into
+// the packed block.
+inline void pack16(const uint16_t* v, int64_t m, int64_t c, uint16_t* block) {
+  uint32_t* d = (uint32_t*)block + (c / 32) * 256 + ((c % 32) / 2) * 16 + m;
+  const uint32_t* s = (const uint32_t*)v;
+  for (int i = 0; i < 8; ++i) d[i * 16] = s[i];
+}
+
+// bf16 rows n .. n + 31 of expert e (K values each) into dst, for the A tiles.
+template <class W>
+inline void bf16_rows(const W& w, int64_t e, int64_t n, int64_t K, uint16_t* dst) {
+  if constexpr (std::is_same_v<W, BF16W>) {
+    std::memcpy(dst, w.row(e, n).p, kAmxRows * K * sizeof(uint16_t));
+  } else if constexpr (std::is_same_v<W, I8W>) {
+    for (int64_t r = 0; r < kAmxRows; ++r) {
+      const auto row = w.row(e, n + r);
+      for (int64_t k = 0; k < K; k += 32) _mm512_storeu_si512(dst + r * K + k, (__m512i)w.chunk(row, k));
+    }
+  } else if constexpr (std::is_same_v<W, I4W>) {
+    for (int64_t r = 0; r < kAmxRows; ++r) {
+      const auto row = w.row(e, n + r);
+      for (int64_t g = 0; g < K / w.group; ++g) {
+        const __m512i table = w.scaled_table(row, g);
+        for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 32)
+          _mm512_storeu_si512(dst + r * K + k, (__m512i)w.chunk(row, k, table));
+      }
+    }
+  }
+}
+
+// What rows_times_tokens computes, on tiles: out[m * stride + (n - n0)] = W[e, n] · x[m] for rows
+// [n0, n1) (a multiple of 32 of them) and n_tok tokens packed from `packed` (the expert's first
+// block). The thread's tile configuration is amx::full_tiles(). scratch: 32 * K bf16.
+template <class W>
+EXPERTLORA_AMX_TARGET void rows_times_tokens_amx(const W& w, int64_t e, int64_t n0, int64_t n1, const uint16_t* packed,
+                                                 int64_t n_tok, int64_t K, float* out, int64_t stride, bool direct,
+                                                 uint16_t* scratch) {
+  alignas(64) float c[4][16][16];
+  const int64_t blocks = (n_tok + 15) / 16, chunks = K / 32, lda = K * sizeof(uint16_t);
+  for (int64_t n = n0; n < n1; n += kAmxRows) {
+    const uint16_t* a = scratch;
+    if constexpr (std::is_same_v<W, BF16W>) {
+      if (direct) a = w.row(e, n).p;
+      else bf16_rows(w, e, n, K, scratch);
+    } else {
+      bf16_rows(w, e, n, K, scratch);
+    }
+    EXPERTLORA_COMPILER_FENCE();  // the scratch rows are in memory before the tile loads
+    for (int64_t b = 0; b < blocks; b += 2) {
+      const bool two = b + 1 < blocks;
+      const uint16_t* b0 = packed + b * 16 * K;
+      const uint16_t* b1 = b0 + 16 * K;
+      EXPERTLORA_TILE_ZERO(0);
+      EXPERTLORA_TILE_ZERO(1);
+      EXPERTLORA_TILE_ZERO(2);
+      EXPERTLORA_TILE_ZERO(3);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        EXPERTLORA_TILE_LOAD(4, a + ch * 32, lda);
+        EXPERTLORA_TILE_LOAD(5, a + 16 * K + ch * 32, lda);
+        EXPERTLORA_TILE_LOAD(6, b0 + ch * kBlockVals, 64);
+        EXPERTLORA_TILE_DP(0, 4, 6);
+        EXPERTLORA_TILE_DP(1, 5, 6);
+        if (two) {
+          EXPERTLORA_TILE_LOAD(7, b1 + ch * kBlockVals, 64);
+          EXPERTLORA_TILE_DP(2, 4, 7);
+          EXPERTLORA_TILE_DP(3, 5, 7);
+        }
+      }
+      EXPERTLORA_TILE_STORE(0, c[0], 64);
+      EXPERTLORA_TILE_STORE(1, c[1], 64);
+      if (two) {
+        EXPERTLORA_TILE_STORE(2, c[2], 64);
+        EXPERTLORA_TILE_STORE(3, c[3], 64);
+      }
+      // c[i][r][j]: row n + 16 (i % 2) + r, token 16 (b + i / 2) + j
+      for (int i = 0; i < (two ? 4 : 2); ++i) {
+        const int64_t m0 = 16 * (b + i / 2), r0 = 16 * (i % 2), M = std::min<int64_t>(16, n_tok - m0);
+        float s[16];
+        for (int r = 0; r < 16; ++r) s[r] = std::is_same_v<W, I8W> ? w.scale(w.row(e, n + r0 + r), 0) : 1.f;
+        for (int64_t m = 0; m < M; ++m) {
+          float* o = out + (m0 + m) * stride + (n - n0) + r0;
+          for (int r = 0; r < 16; ++r) o[r] = c[i][r][m] * s[r];
+        }
+      }
+    }
+  }
+}
+
+EXPERTLORA_AMX_TARGET inline void tiles_on() {
+  static const amx::Config cfg = amx::full_tiles();
+  amx::load_config(&cfg);
+}
+EXPERTLORA_AMX_TARGET inline void tiles_off() { amx::release(); }
+
 // ---- element-wise helpers
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -260,7 +395,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
                    const at::Tensor& token_slots, const at::Tensor& w_gu, const at::Tensor& s_gu,
                    const at::Tensor& w_d, const at::Tensor& s_d, int64_t group_gu, int64_t group_d,
                    at::TensorList a_gu, at::TensorList bt_g, at::TensorList bt_u, at::TensorList a_d,
-                   at::TensorList bt_d, int64_t num_threads) {
+                   at::TensorList bt_d, int64_t num_threads, int64_t amx_from) {
   using Act = typename W::Act;
   const int64_t T = x.size(0), H = x.size(1), k = topk_ids.size(1), E = w_gu.size(0), I = w_gu.size(1) / 2;
   if constexpr (W::kGrouped) {  // each group is whole steps of 32 and the groups tile the row
@@ -284,68 +419,124 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
     slots.push_back(l);
   }
 
-  // Group the routed pairs by expert (counting sort, stable in pair order).
+  // Group the routed pairs by (expert, slot): a counting sort, stable in pair order, so each
+  // expert's tokens of one adapter are consecutive and their LoRA shrink is one call.
   const int64_t* ids = topk_ids.data_ptr<int64_t>();
   const int64_t* tslot = token_slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK_VALUE(tslot[t] >= -1 && tslot[t] < (int64_t)slots.size(), "token_slots: slot ", tslot[t],
                       " holds no adapter (", slots.size(), " slots)");
-  std::vector<int64_t> count(E + 1, 0);
+  const int64_t S1 = (int64_t)slots.size() + 1;  // slot -1 .. S - 1
+  std::vector<int64_t> key_start(E * S1 + 1, 0);
   for (int64_t p = 0; p < T * k; ++p)
-    if (ids[p] >= 0 && ids[p] < E) ++count[ids[p] + 1];
-  for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];
+    if (ids[p] >= 0 && ids[p] < E) ++key_start[ids[p] * S1 + tslot[p / k] + 2];
+  for (int64_t i = 0; i < E * S1; ++i) key_start[i + 1] += key_start[i];
+  std::vector<int64_t> count(E + 1);  // expert e's pairs: [count[e], count[e + 1])
+  for (int64_t e = 0; e <= E; ++e) count[e] = key_start[e * S1];
   const int64_t Q = count[E];
-  std::vector<int64_t> next(count.begin(), count.end() - 1), q_of(T * k, -1), q_exp(Q), q_slot(Q), lora_q;
+  std::vector<int64_t> next(key_start.begin(), key_start.end() - 1), q_of(T * k, -1), q_exp(Q), q_slot(Q);
   std::vector<const Act*> q_x(Q), q_h(Q);
   const Act* xp = (const Act*)x.data_ptr();
   for (int64_t p = 0; p < T * k; ++p) {
     if (ids[p] < 0 || ids[p] >= E) continue;
-    const int64_t q = next[ids[p]]++, t = p / k;
+    const int64_t t = p / k, q = next[ids[p] * S1 + tslot[t] + 1]++;
     q_of[p] = q, q_exp[q] = ids[p], q_slot[q] = tslot[t], q_x[q] = xp + t * H;
   }
   std::vector<int64_t> active;  // experts with tokens
   for (int64_t e = 0; e < E; ++e)
     if (count[e + 1] > count[e]) active.push_back(e);
-  for (int64_t q = 0; q < Q; ++q)
-    if (q_slot[q] >= 0) lora_q.push_back(q);
+  // LoRA tasks: runs of one expert and adapter, at most kLoRATokens pairs each
+  constexpr int64_t kLoRATokens = 16;
+  std::vector<std::pair<int64_t, int64_t>> lora_runs;
+  for (int64_t i = 0; i < E * S1; ++i)
+    if (i % S1 > 0)
+      for (int64_t q = key_start[i]; q < key_start[i + 1]; q += kLoRATokens)
+        lora_runs.push_back({q, std::min(q + kLoRATokens, key_start[i + 1])});
+
+  // AMX: experts with at least amx_from pairs run their rows on tiles (fp32 weights never do).
+  std::vector<int64_t> pad_off(E + 1, 0);  // expert e's packed tokens start at pad_off[e] (16 a block)
+  std::vector<std::pair<int64_t, int64_t>> pack_tasks;  // (expert, block)
+  if constexpr (!std::is_same_v<W, F32W>) {
+    if (amx_from > 0 && amx::enable())
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t n = count[e + 1] - count[e], blocks = n >= amx_from ? (n + 15) / 16 : 0;
+        for (int64_t b = 0; b < blocks; ++b) pack_tasks.push_back({e, b});
+        pad_off[e + 1] = pad_off[e] + 16 * blocks;
+      }
+  }
+  const bool use_amx = !pack_tasks.empty();
+  const char* direct_env = std::getenv("EXPERTLORA_AMX_DIRECT");  // a measurement switch (bf16)
+  const bool direct = direct_env && direct_env[0] == '1';
+  auto is_amx = [&](int64_t e) { return pad_off[e + 1] > pad_off[e]; };
 
   auto f32 = x.options().dtype(at::kFloat);
   auto gu_out = at::empty({Q, 2 * I}, f32), d_out = at::empty({Q, H}, f32);
   auto h = at::empty({Q, I}, x.options());
   auto sx = at::empty({Q, r1}, f32), sh = at::empty({Q, r2}, f32);
   auto y = at::empty({T, H}, f32);
+  auto x_pack = at::empty({pad_off[E] * H}, x.options()), h_pack = at::empty({pad_off[E] * I}, x.options());
   float *gup = gu_out.data_ptr<float>(), *dp = d_out.data_ptr<float>(), *sxp = sx.data_ptr<float>(),
         *shp = sh.data_ptr<float>(), *yp = y.data_ptr<float>();
   Act* hp = (Act*)h.data_ptr();
+  uint16_t *xpk = (uint16_t*)x_pack.data_ptr(), *hpk = (uint16_t*)h_pack.data_ptr();
   for (int64_t q = 0; q < Q; ++q) q_h[q] = hp + q * I;
   const float* wts = topk_weights.data_ptr<float>();
 
-  const int64_t n_active = active.size(), n_lora = lora_q.size();
-  // Rows per task: about kTaskBytes of weights, so short quantized rows still stream well.
-  const int64_t gu_rows = rows_per_task(H * W::kBits / 8), d_rows = rows_per_task(I * W::kBits / 8);
+  const int64_t n_active = active.size(), n_lora = lora_runs.size(), n_pack = pack_tasks.size();
+  // Rows per task: about kTaskBytes of weights, so short quantized rows still stream well;
+  // whole pairs of A tiles where any expert runs on AMX.
+  auto task_rows = [&](int64_t row_bytes) {
+    const int64_t r = rows_per_task(row_bytes);
+    return use_amx ? (r + kAmxRows - 1) / kAmxRows * kAmxRows : r;
+  };
+  const int64_t gu_rows = task_rows(H * W::kBits / 8), d_rows = task_rows(I * W::kBits / 8);
   const int64_t gu_blocks = (2 * I + gu_rows - 1) / gu_rows, d_blocks = (H + d_rows - 1) / d_rows;
   const int64_t i_cols = (I + kColBlock - 1) / kColBlock, h_cols = (H + kColBlock - 1) / kColBlock;
 
 #pragma omp parallel num_threads(num_threads)
   {
+    static thread_local std::vector<uint16_t> scratch;  // a row task's 32 bf16 rows (AMX path)
+    if (use_amx) {
+      if (scratch.size() < (size_t)(kAmxRows * std::max(H, I))) scratch.resize(kAmxRows * std::max(H, I));
+      tiles_on();
+    }
+    uint16_t* scr = scratch.data();
+    // 0. pack the tokens of AMX experts (zero columns past the last token, in x and h alike)
+    if (use_amx) {
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t task = 0; task < n_pack; ++task) {
+        const auto [e, b] = pack_tasks[task];
+        const int64_t q0 = count[e] + 16 * b, n = std::min<int64_t>(16, count[e + 1] - q0);
+        pack_block((const uint16_t* const*)&q_x[q0], n, H, xpk + (pad_off[e] + 16 * b) * H);
+        if (n < 16) pack_block((const uint16_t* const*)&q_x[q0], 0, I, hpk + (pad_off[e] + 16 * b) * I);
+      }
+    }
     // 1. LoRA shrink of x (first, so it is not the tail); gate/up rows of every active expert
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_lora + n_active * gu_blocks; ++task) {
       if (task < n_lora) {
-        const int64_t q = lora_q[task];
-        const auto& l = slots[q_slot[q]];
-        rows_times_tokens(l.a_gu, q_exp[q], 0, l.rg + l.ru, &q_x[q], 1, H, sxp + q * r1, r1);
+        const auto [q0, q1] = lora_runs[task];
+        const auto& l = slots[q_slot[q0]];
+        rows_times_tokens(l.a_gu, q_exp[q0], 0, l.rg + l.ru, &q_x[q0], q1 - q0, H, sxp + q0 * r1, r1);
       } else {
         const int64_t b = task - n_lora, e = active[b / gu_blocks], n0 = (b % gu_blocks) * gu_rows;
-        const int64_t q0 = count[e], n = count[e + 1] - q0;
-        rows_times_tokens(gu, e, n0, std::min(n0 + gu_rows, 2 * I), &q_x[q0], n, H, gup + q0 * 2 * I + n0, 2 * I);
+        const int64_t q0 = count[e], n = count[e + 1] - q0, n1 = std::min(n0 + gu_rows, 2 * I);
+        if constexpr (!std::is_same_v<W, F32W>)
+          if (is_amx(e)) {
+            rows_times_tokens_amx(gu, e, n0, n1, xpk + pad_off[e] * H, n, H, gup + q0 * 2 * I + n0, 2 * I, direct, scr);
+            continue;
+          }
+        rows_times_tokens(gu, e, n0, n1, &q_x[q0], n, H, gup + q0 * 2 * I + n0, 2 * I);
       }
     }
-    // 2. LoRA expand of gate and up, activation
+    // 2. LoRA expand of gate and up, activation (into the packed tokens too, for AMX experts)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < Q * i_cols; ++task) {
       const int64_t q = task / i_cols, c0 = (task % i_cols) * kColBlock, e = q_exp[q];
       const float* g_row = gup + q * 2 * I;
+      uint16_t* block = nullptr;
+      int64_t m = 0;
+      if (is_amx(e)) m = q - count[e], block = hpk + (pad_off[e] + m / 16 * 16) * I, m %= 16;
       for (int64_t c = c0; c < std::min(c0 + kColBlock, I); c += 16) {
         __m512 g = load16(g_row + c), u = load16(g_row + I + c);
         if (q_slot[q] >= 0) {
@@ -354,19 +545,26 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
           u = expand16(u, sxp + q * r1 + l.rg, l.bt_u + e * l.ru * I + c, l.ru, I);
         }
         store16(hp + q * I + c, _mm512_mul_ps(silu16(g), u));
+        if constexpr (!std::is_same_v<W, F32W>)
+          if (block) pack16(hp + q * I + c, m, c, block);
       }
     }
     // 3. LoRA shrink of h; down rows of every active expert
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_lora + n_active * d_blocks; ++task) {
       if (task < n_lora) {
-        const int64_t q = lora_q[task];
-        const auto& l = slots[q_slot[q]];
-        rows_times_tokens(l.a_d, q_exp[q], 0, l.rd, &q_h[q], 1, I, shp + q * r2, r2);
+        const auto [q0, q1] = lora_runs[task];
+        const auto& l = slots[q_slot[q0]];
+        rows_times_tokens(l.a_d, q_exp[q0], 0, l.rd, &q_h[q0], q1 - q0, I, shp + q0 * r2, r2);
       } else {
         const int64_t b = task - n_lora, e = active[b / d_blocks], n0 = (b % d_blocks) * d_rows;
-        const int64_t q0 = count[e], n = count[e + 1] - q0;
-        rows_times_tokens(dn, e, n0, std::min(n0 + d_rows, H), &q_h[q0], n, I, dp + q0 * H + n0, H);
+        const int64_t q0 = count[e], n = count[e + 1] - q0, n1 = std::min(n0 + d_rows, H);
+        if constexpr (!std::is_same_v<W, F32W>)
+          if (is_amx(e)) {
+            rows_times_tokens_amx(dn, e, n0, n1, hpk + pad_off[e] * I, n, I, dp + q0 * H + n0, H, direct, scr);
+            continue;
+          }
+        rows_times_tokens(dn, e, n0, n1, &q_h[q0], n, I, dp + q0 * H + n0, H);
       }
     }
     // 4. LoRA expand of down and the routing-weight sum, in the order of the token's k choices
@@ -388,6 +586,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
         _mm512_storeu_ps(yp + t * H + c, acc);
       }
     }
+    if (use_amx) tiles_off();
   }
   return y;
 }
@@ -400,9 +599,10 @@ at::Tensor moe_lora(const at::Tensor& x, const at::Tensor& topk_ids, const at::T
                     const at::Tensor& token_slots, const at::Tensor& w_gu, const at::Tensor& s_gu,
                     const at::Tensor& w_d, const at::Tensor& s_d, int64_t method, int64_t group_gu,
                     int64_t group_d, at::TensorList a_gu, at::TensorList bt_g, at::TensorList bt_u,
-                    at::TensorList a_d, at::TensorList bt_d, int64_t threads) {
+                    at::TensorList a_d, at::TensorList bt_d, int64_t threads, int64_t amx_from) {
 #define EXPERTLORA_FORWARD(W) \
-  forward<W>(x, topk_ids, topk_weights, token_slots, w_gu, s_gu, w_d, s_d, group_gu, group_d, a_gu, bt_g, bt_u, a_d, bt_d, threads)
+  forward<W>(x, topk_ids, topk_weights, token_slots, w_gu, s_gu, w_d, s_d, group_gu, group_d, a_gu, bt_g, bt_u, a_d, bt_d, \
+             threads, amx_from)
   switch (method) {
     case 0: return EXPERTLORA_FORWARD(F32W);
     case 1: return EXPERTLORA_FORWARD(BF16W);
@@ -414,10 +614,16 @@ at::Tensor moe_lora(const at::Tensor& x, const at::Tensor& topk_ids, const at::T
 
 }  // namespace
 
+// The emulated build (EXPERTLORA_AMX_EMULATE, for tests on CPUs without AMX) registers the same
+// op under its own namespace, so both builds load in one process.
+#ifdef EXPERTLORA_AMX_EMULATE
+TORCH_LIBRARY(expertlora_cpu_emu, m) {
+#else
 TORCH_LIBRARY(expertlora_cpu, m) {
+#endif
   m.def(
       "moe_lora(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor token_slots, Tensor w_gu, "
       "Tensor s_gu, Tensor w_d, Tensor s_d, int method, int group_gu, int group_d, Tensor[] a_gu, "
-      "Tensor[] bt_g, Tensor[] bt_u, Tensor[] a_d, Tensor[] bt_d, int threads) -> Tensor");
+      "Tensor[] bt_g, Tensor[] bt_u, Tensor[] a_d, Tensor[] bt_d, int threads, int amx_from=0) -> Tensor");
   m.impl("moe_lora", c10::DispatchKey::CPU, TORCH_FN(moe_lora));
 }
