@@ -9,9 +9,13 @@ not served from cache; medians after warm-up. Peers run in the same process: the
 without adapters, with four adapters mixed in one batch, our PyTorch path (the portable
 fallback: one matmul per expert), transformers 5 + peft ``target_parameters`` on the same
 layer, and, where installed, kt-kernel's AMXBF16_SFT forward (bf16 rows: the same weights,
-LoRA and rotation, one thread fewer by default, measured after ours since its threads poll). The
-engine's variants take turns call by call; the read and copy bandwidth of this machine are
-measured first.
+LoRA and rotation, one thread fewer by default, measured after ours since its threads poll), and
+its AMXINT4_SFT beside our int4 (fed our int4 weights dequantized to bf16, which it quantizes
+again in its own layout). The engine's variants take turns call by call: with LoRA at its default
+AMX threshold, without LoRA, four adapters mixed, and (where the CPU has AMX) AVX-512 only, AMX
+for every expert with a token, and bf16 A tiles loaded straight from the weights rather than
+from a copy of the task's rows (EXPERTLORA_AMX_DIRECT). The read and copy bandwidth of this
+machine are measured first.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import platform
 import statistics
 import time
 from datetime import date
+from math import nan
 
 import torch
 
 from expertlora.engine import MoELoRAEngine
 from expertlora.experts import ExpertWeights
+from expertlora.kernels import amx_from, has_amx
 from expertlora.tiny import random_expert_lora
 
 # name: (H, I, E, top-k, transformers family of the PEFT peer)
@@ -37,6 +43,7 @@ SHAPES = {
     "mixtral-8x7b": (4096, 14336, 8, 2),
 }
 RANK, ALPHA = 16, 32.0
+KT_METHODS = {"bf16": "AMXBF16_SFT", "int4": "AMXINT4_SFT"}  # kt-kernel's peer of our method
 ALL = {"gate": RANK, "up": RANK, "down": RANK}
 
 
@@ -138,6 +145,13 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
             a.layers.update({L: src.layers[0] for L in layers})
         bare = MoELoRAEngine(layers, threads=args.threads)
         engine = MoELoRAEngine(layers, threads=args.threads)
+        avx = MoELoRAEngine(layers, threads=args.threads)  # AVX-512 only
+        every = MoELoRAEngine(layers, threads=args.threads)  # AMX for every expert with a token
+        avx.amx_from, every.amx_from = 0, 1
+        amx_variants = has_amx() and engine.amx_from > 0 and method != "fp32"
+        for e in (avx, every) if amx_variants else ():
+            for i, a in enumerate(shared):
+                e.load_adapter(f"a{i}", a)
         fallback = MoELoRAEngine(layers, threads=args.threads, kernel="torch")
         for i, a in enumerate(shared):
             engine.load_adapter(f"a{i}", a)
@@ -146,20 +160,28 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
         plans = {}
         for T in tokens:
             calls = args.calls if T < 512 else max(3, args.calls // 4)
-            rts = routings(T, E, k, 4 * (calls + max(args.warmup, n_layers)), seed=T)  # 4 variants at most
+            rts = routings(T, E, k, 6 * (calls + max(args.warmup, n_layers)), seed=T)  # 6 variants at most
             xs = [torch.randn(T, H, dtype=dtype) for _ in range(4)]
             one = torch.zeros(T, dtype=torch.long)
             mixed = torch.arange(T, dtype=torch.long) % 4
 
-            def call(eng, slots):
+            def call(eng, slots, env=None):
                 def fn(i):
                     ids, w = rts[i]
+                    if env:
+                        os.environ.update(env)
                     eng.forward(i % n_layers, xs[i % 4], ids, w, slots)
+                    for key in env or ():
+                        del os.environ[key]
                 return fn
 
             # warm-up covers every layer of the rotation once
             plans[T] = (calls, rts, xs)
             variants = {"lora": call(engine, one), "base": call(bare, None), "mixed": call(engine, mixed)}
+            if amx_variants:
+                variants |= {"avx": call(avx, one), "every": call(every, one)}
+                if method == "bf16":
+                    variants["direct"] = call(engine, one, {"EXPERTLORA_AMX_DIRECT": "1"})
             ms = interleaved_ms(variants, calls, max(args.warmup, n_layers))
             lora_ms, base_ms, mixed_ms = ms["lora"], ms["base"], ms["mixed"]
             slow_calls = max(2, calls // 4) if T >= 32 or name == "mixtral-8x7b" else calls
@@ -168,13 +190,15 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
             pairs = T * k
             rows.append(dict(
                 shape=name, method=method, tokens=T, lora_ms=lora_ms, base_ms=base_ms, mixed_ms=mixed_ms,
-                torch_ms=torch_ms, kt_ms=float("nan"), gbs=moved / lora_ms / 1e6, read_pct=100 * moved / lora_ms / 1e6 / read_gbs,
+                torch_ms=torch_ms, kt_ms=float("nan"), avx_ms=ms.get("avx", nan), every_ms=ms.get("every", nan),
+                direct_ms=ms.get("direct", nan), gbs=moved / lora_ms / 1e6, read_pct=100 * moved / lora_ms / 1e6 / read_gbs,
                 gflops=2 * pairs * 3 * H * I / lora_ms / 1e6,
             ))
             print(_line(rows[-1]), flush=True)
-        del bare, engine, fallback
+        del bare, engine, fallback, avx, every
         # kt-kernel afterwards, alone: its worker threads poll, and would slow ours if interleaved.
-        kts = kt_wrappers(layers, adapters[0].layers[0], k, args.kt_threads, max(tokens)) if args.kt and method == "bf16" else None
+        kt_method = KT_METHODS.get(method)
+        kts = kt_wrappers(layers, adapters[0].layers[0], k, args.kt_threads, max(tokens), kt_method) if args.kt and kt_method else None
         for row in (r for r in rows if kts and r["shape"] == name and r["method"] == method):
             calls, rts, xs = plans[row["tokens"]]
 
@@ -183,7 +207,7 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
                 kts[i % n_layers].forward(xs[i % 4], ids, w, save_for_backward=False)
 
             row["kt_ms"] = median_ms(kt_call, calls, max(args.warmup, n_layers))
-            print(f"[{name} {method}] kt-kernel AMXBF16_SFT + LoRA T={row['tokens']}: {row['kt_ms']:.2f} ms", flush=True)
+            print(f"[{name} {method}] kt-kernel {kt_method} + LoRA T={row['tokens']}: {row['kt_ms']:.2f} ms", flush=True)
         del layers, shared, kts
     if args.peft:
         for T in tokens:
@@ -202,9 +226,11 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
     return rows
 
 
-def kt_wrappers(layers: dict, lora, k: int, threads: int | None, max_tokens: int):
-    """kt-kernel's AMXBF16_SFT on the same bf16 weights and LoRA (the first adapter), one wrapper
-    per layer of the rotation; None where kt-kernel is not installed."""
+def kt_wrappers(layers: dict, lora, k: int, threads: int | None, max_tokens: int, method: str = "AMXBF16_SFT"):
+    """kt-kernel's ``method`` (AMXBF16_SFT or AMXINT4_SFT) on the same weights and LoRA (the first
+    adapter), one wrapper per layer of the rotation, chunked_prefill_size the largest batch (one
+    chunk); quantized weights go in dequantized to bf16 (kt-kernel quantizes them again). None
+    where kt-kernel is not installed."""
     try:
         from kt_kernel import KTMoEWrapper
         from kt_kernel.sft.base import KExpertsSFTBuffer
@@ -219,11 +245,14 @@ def kt_wrappers(layers: dict, lora, k: int, threads: int | None, max_tokens: int
         kt = KTMoEWrapper(
             layer_idx=L, num_experts=E, num_experts_per_tok=k, hidden_size=H, moe_intermediate_size=I,
             gpu_experts_mask=None, cpuinfer_threads=threads, threadpool_count=1, weight_path="",
-            chunked_prefill_size=max_tokens, method="AMXBF16_SFT", mode="sft", lora_rank=RANK, lora_alpha=ALPHA,
+            chunked_prefill_size=max_tokens, method=method, mode="sft", lora_rank=RANK, lora_alpha=ALPHA,
             max_cache_depth=1,
         )
-        gate_up = w.gate_up.data
-        kt.load_weights_from_tensors(gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous(), w.down.data, torch.arange(E))
+        bf16 = w.method == "bf16"
+        gate_up = w.gate_up.data if bf16 else w.gate_up.dequantize().to(torch.bfloat16)
+        down = w.down.data if bf16 else w.down.dequantize().to(torch.bfloat16)
+        kt.load_weights_from_tensors(gate_up[:, :I].contiguous(), gate_up[:, I:].contiguous(), down, torch.arange(E))
+        del gate_up, down
         ab = [t.to(torch.bfloat16).contiguous() for p in (lora.gate, lora.up, lora.down) for t in (p.a, p.b)]
         kt.init_lora_weights(*ab, *[torch.zeros_like(t) for t in ab])
         out.append(kt)
@@ -241,20 +270,22 @@ def _line(r: dict) -> str:
     return (
         f"{r['shape']:17s} {r['method']:5s} T={r['tokens']:4d}  LoRA {r['lora_ms']:8.2f} ms  base {r['base_ms']:8.2f} ms  "
         f"x{r['lora_ms'] / r['base_ms']:.2f}  mixed4 x{r['mixed_ms'] / r['lora_ms']:.2f}  torch-path {r['torch_ms']:8.2f} ms  "
-        f"kt {r['kt_ms']:8.2f} ms  "
+        f"kt {r['kt_ms']:8.2f} ms  AVX-512 only {r['avx_ms']:8.2f} ms  AMX every expert {r['every_ms']:8.2f} ms  "
+        f"direct {r['direct_ms']:8.2f} ms  "
         f"{r['gbs']:6.1f} GB/s ({r['read_pct']:.0f}% read)  {r['gflops']:7.1f} GFLOP/s"
     )
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    out = [header, "", "| shape | method | tokens | ours + LoRA ms | ours no LoRA ms | LoRA / no LoRA | 4 adapters mixed / 1 | GB/s (% of read) | GFLOP/s | PyTorch path ms | PEFT bf16 ms | PEFT / ours | kt-kernel + LoRA ms | ours / kt |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [header, "", "| shape | method | tokens | ours + LoRA ms | ours no LoRA ms | LoRA / no LoRA | 4 adapters mixed / 1 | GB/s (% of read) | GFLOP/s | PyTorch path ms | PEFT bf16 ms | PEFT / ours | kt-kernel + LoRA ms | ours / kt | AVX-512 only ms | AMX every expert ms | bf16 direct ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peft = r.get("peft_ms", float("nan"))
         out.append(
             f"| {r['shape']} | {r['method']} | {r['tokens']} | {r['lora_ms']:.2f} | {r['base_ms']:.2f} | {r['lora_ms'] / r['base_ms']:.2f} | "
             f"{r['mixed_ms'] / r['lora_ms']:.2f} | {r['gbs']:.1f} ({r['read_pct']:.0f}%) | {r['gflops']:.0f} | {r['torch_ms']:.1f} | "
-            f"{peft:.0f} | {peft / r['lora_ms']:.0f}x | {r['kt_ms']:.2f} | {r['lora_ms'] / r['kt_ms']:.2f} |"
+            f"{peft:.0f} | {peft / r['lora_ms']:.0f}x | {r['kt_ms']:.2f} | {r['lora_ms'] / r['kt_ms']:.2f} | "
+            f"{r['avx_ms']:.2f} | {r['every_ms']:.2f} | {r['direct_ms']:.2f} |"
         )
     return "\n".join(out) + "\n"
 
@@ -270,7 +301,7 @@ def main():
     p.add_argument("--cache-mb", type=int, default=300, help="the CPU's L3 in MiB (the rotation covers 4x)")
     p.add_argument("--no-peft", dest="peft", action="store_false")
     p.add_argument("--no-torch-path", dest="torch_path", action="store_false")
-    p.add_argument("--no-kt", dest="kt", action="store_false", help="skip kt-kernel's AMXBF16_SFT (bf16 rows, where installed)")
+    p.add_argument("--no-kt", dest="kt", action="store_false", help="skip kt-kernel (AMXBF16_SFT on bf16 rows, AMXINT4_SFT on int4, where installed)")
     p.add_argument("--kt-threads", type=int, default=None, help="kt-kernel's threads (default: ours minus one: it runs far slower on every core)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args()
@@ -285,7 +316,8 @@ def main():
     header = (
         f"### {cpu}, {os.cpu_count()} cores, threads {args.threads or os.cpu_count()}, torch {torch.__version__}, {date.today()}\n\n"
         f"Measured here in the same run: read {read_gbs:.1f} GB/s, copy {copy_gbs:.1f} GB/s (read + write). "
-        f"Rotation over more than 4 x {args.cache_mb} MiB of expert weights. LoRA r {RANK} on gate, up and down."
+        f"Rotation over more than 4 x {args.cache_mb} MiB of expert weights. LoRA r {RANK} on gate, up and down. "
+        f"AMX: {'yes, experts with >= ' + str(amx_from()) + ' tokens on tiles' if amx_from() else 'no'}."
     )
     emit(markdown(rows, header), args.out)
 

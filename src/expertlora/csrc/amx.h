@@ -93,6 +93,18 @@ inline void dpbf16(int c, int a, int b) {
 #define EXPERTLORA_TILE_STORE(t, p, stride) amx::store(t, p, stride)
 #define EXPERTLORA_TILE_DP(c, a, b) amx::dpbf16(c, a, b)
 
+#elif !defined(__x86_64__) || (defined(__clang__) ? __clang_major__ < 12 : __GNUC__ < 11)
+
+// A compiler without AMX intrinsics: the tile path is compiled out and never taken.
+#define EXPERTLORA_AMX_TARGET
+inline bool enable() { return false; }
+inline void load_config(const Config*) {}
+inline void release() {}
+#define EXPERTLORA_TILE_ZERO(t) ((void)0)
+#define EXPERTLORA_TILE_LOAD(t, p, stride) ((void)(p), (void)(stride))
+#define EXPERTLORA_TILE_STORE(t, p, stride) ((void)(p), (void)(stride))
+#define EXPERTLORA_TILE_DP(c, a, b) ((void)0)
+
 #else
 
 #define EXPERTLORA_AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
