@@ -108,6 +108,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu, or cuda (then --gpu-shares)")
     p.add_argument("--gpu-shares", default="0,25,50,100", help="with --device cuda: percent of each layer's experts on the GPU")
     p.add_argument("--workdir", default=None, help="where the random checkpoint goes (default: a temporary folder)")
+    p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the transformers and PEFT rows")
     p.add_argument("--gpu-prefill", action="store_true", help="with --device cuda: rows with GPU prefill on as well")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args()
@@ -130,8 +131,10 @@ def main():
         prompt = prompt.to(args.device)
         model.to(args.device)
         where = "" if args.device == "cpu" else f" ({args.device})"
-        rows = [(f"transformers 5 base{where}", "bf16", *speeds(model, prompt, args.new_tokens))]
-        print(rows[-1], flush=True)
+        rows = []
+        if args.peers:
+            rows.append((f"transformers 5 base{where}", "bf16", *speeds(model, prompt, args.new_tokens)))
+            print(rows[-1], flush=True)
         targets = [f"model.layers.{L}.mlp.experts.{p}" for L in range(args.layers) for p in ("gate_up_proj", "down_proj")]
         lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "o_proj"], target_parameters=targets)
         peft_model = get_peft_model(model, lora).eval()
@@ -141,8 +144,9 @@ def main():
                     p_.normal_(0, 0.02)
         peft_model.save_pretrained(work / "adapter")
         peft_steps = args.peft_new_tokens if args.device == "cpu" else args.new_tokens
-        rows.append((f"transformers 5 + PEFT{where}", "bf16", *speeds(peft_model, prompt, peft_steps)))
-        print(rows[-1], flush=True)
+        if args.peers:
+            rows.append((f"transformers 5 + PEFT{where}", "bf16", *speeds(peft_model, prompt, peft_steps)))
+            print(rows[-1], flush=True)
         del model, peft_model
         base = MoEConfig.from_model_dir(work / "model")
         adapter = load_adapter(work / "adapter", base)

@@ -43,7 +43,7 @@ def check(family: str, mode: str, workdir: str) -> None:
         if variant == "unfused":
             lm.engine.gpu.fused = False
         if variant in backends:  # greedy_decode's own backend choice, narrowed to one
-            decode._no_cudnn_attention = lambda device: sdpa_kernel([backends[variant]])
+            decode._attention_backends = lambda device, math: sdpa_kernel([backends[variant]])
         tokens = greedy_decode(lm, ids, 6)
     torch.cuda.synchronize()
     print(f"{family} {mode}: ok {tokens[0].tolist()}", flush=True)

@@ -18,7 +18,7 @@ for part in "${@:-tests}"; do
   case "$part" in
     tests) python3 -m pytest -q -p no:cacheprovider -rfs tests/test_gpu_prefill.py 2>&1 | tail -40 | tee "$OUT/prefill_tests.txt" ;;
     e2e) python3 benchmarks/e2e.py --device cuda --gpu-shares 0 --methods "$METHODS" --prompt-tokens "${PROMPT:-2048}" \
-           --new-tokens 4 --gpu-prefill --out "$OUT/e2e_prefill.md" 2>&1 | tail -12 | tee "$OUT/e2e_prefill.log" ;;
+           --new-tokens 4 --gpu-prefill --no-peers --out "$OUT/e2e_prefill.md" 2>&1 | tail -12 | tee "$OUT/e2e_prefill.log" ;;
     bench) python3 benchmarks/gpu_prefill.py --methods "$METHODS" --out "$OUT/gpu_prefill.md" 2>&1 | grep -v "^|" | tee "$OUT/gpu_prefill.log" ;;
     *) echo "usage: $0 [tests] [bench] [e2e]" >&2; exit 2 ;;
   esac

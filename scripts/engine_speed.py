@@ -107,6 +107,8 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--polls", default="0,0", help="graph runs: how long the host nodes' waits poll before blocking, "
+                   "'ready,done' microseconds (host_nodes.set_spin); several separated by ';'")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try the script (no graphs there)")
     p.add_argument("--cache-mb", type=int, default=300, help="the CPU's L3 in MiB (the read bandwidth buffer is 8x)")
     args = p.parse_args()
@@ -115,11 +117,13 @@ def main():
 
     read_gbs, _ = bandwidth(args.cache_mb)
     print(f"read bandwidth {read_gbs:.1f} GB/s", flush=True)
-    rows = []
+    polls = [tuple(map(int, poll.split(","))) for poll in args.polls.split(";")]
+    shares, levels = [int(s) for s in args.shares.split(",")], [int(n) for n in args.concurrency.split(",")]
+    rows = {}  # (share, mode, concurrency) -> (tokens/s, step ms, CPU engine ms/step, CPU experts/layer, MB/step)
     with tempfile.TemporaryDirectory(prefix="expertlora-engine-") as tmp:
         work = Path(tmp)
         build(work, args.vocab, args.layers)
-        for share in map(int, args.shares.split(",")):
+        for share in shares:
             for graphs in (False, True):
                 cfg = EngineConfig(work / "model", method="bf16", adapters={"lora": work / "adapter"}, device=args.device,
                                    gpu_experts_ratio=share / 100, placement="uniform", max_num_seqs=64, max_model_len=256,
@@ -128,30 +132,43 @@ def main():
                 with Engine(cfg) as engine:
                     load_s = time.perf_counter() - t0
                     clock = CpuExpertClock(engine)
-                    for n in map(int, args.concurrency.split(",")):
-                        rate, step_ms, (cpu_ms, distinct, mb) = decode_rate(engine, n, args.prompt_tokens, args.new_tokens, args.vocab, clock)
-                        rows.append((share, graphs and engine.runner.graphs, n, rate, step_ms, cpu_ms, distinct, mb))
-                        print(f"share {share}% graphs {rows[-1][1]} concurrency {n}: {rate:.1f} output tokens/s, step {step_ms:.2f} ms, "
-                              f"CPU engine {cpu_ms:.2f} ms/step, {distinct:.1f} CPU experts/layer, {mb:.0f} MB/step (load {load_s:.0f} s)", flush=True)
+                    replayed = graphs and engine.runner.graphs
+                    for poll in polls if replayed else [None]:
+                        if poll is not None:
+                            from expertlora.host_nodes import set_spin
+
+                            set_spin(*poll)
+                        mode = f"graphs, poll {poll[0]} / {poll[1]} us" if poll else "eager"
+                        for n in levels:
+                            rate, step_ms, per_step = decode_rate(engine, n, args.prompt_tokens, args.new_tokens, args.vocab, clock)
+                            rows[share, mode, n] = row = (rate, step_ms, *per_step)
+                            print(f"share {share}% {mode}, concurrency {n}: {row[0]:.1f} output tokens/s, step {row[1]:.2f} ms, "
+                                  f"CPU engine {row[2]:.2f} ms/step, {row[3]:.1f} CPU experts/layer, {row[4]:.0f} MB/step "
+                                  f"(load {load_s:.0f} s)", flush=True)
                 torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU only"
+    modes = sorted({m for _, m, _ in rows if m != "eager"})
     print(f"\n### {card}, torch {torch.__version__}: engine decode, {args.layers} layers Qwen3-30B-A3B shape, bf16, "
           f"LoRA r {RANK} (half the requests), prompt {args.prompt_tokens}, {args.new_tokens} new tokens\n")
-    print(f"Read bandwidth {read_gbs:.1f} GB/s. Bound: the CPU experts' bytes per step at that bandwidth, and the "
-          "tokens/s it allows (concurrency / bound).\n")
-    print("| experts on GPU | concurrency | eager tokens/s | graphs tokens/s | graphs / eager | eager step ms | graph step ms "
-          "| CPU engine ms/step (eager / graphs) | CPU experts/layer | CPU expert MB/step | bound ms/step | bound tokens/s | bound / eager |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    table = {(s, g, n): r for s, g, n, *r in rows}
+    print(f"Read bandwidth {read_gbs:.1f} GB/s. Bound: the CPU experts' bytes per step (distinct experts counted from each "
+          "call's routing) at that bandwidth, and the tokens/s it allows (concurrency / bound).\n")
+    header = ["experts on GPU", "concurrency", "eager tokens/s", *(f"{m} tokens/s (x eager)" for m in modes),
+              "step ms eager / graphs", "CPU engine ms/step eager / graphs", "CPU experts/layer", "CPU expert MB/step",
+              "bound ms/step", "bound tokens/s", "bound / eager"]
+    print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
     nan = (float("nan"),) * 5
-    for s in map(int, args.shares.split(",")):
-        for n in map(int, args.concurrency.split(",")):
-            eager, graph = table.get((s, False, n), nan), table.get((s, True, n), nan)
-            bound_ms = (graph if graph[4] == graph[4] else eager)[4] / read_gbs  # MB / (GB/s) = ms; nan where no expert is on the CPU
+    for s in shares:
+        for n in levels:
+            eager = rows.get((s, "eager", n), nan)
+            graph = rows.get((s, modes[0], n), nan) if modes else nan
+            figures = graph if graph[4] == graph[4] else eager
+            bound_ms = figures[4] / read_gbs  # MB / (GB/s) = ms; nan where no expert is on the CPU
             bound_rate = 1e3 * n / bound_ms
-            print(f"| {s}% | {n} | {eager[0]:.1f} | {graph[0]:.1f} | {graph[0] / eager[0]:.2f} | {eager[1]:.2f} | {graph[1]:.2f} "
-                  f"| {eager[2]:.2f} / {graph[2]:.2f} | {graph[3]:.1f} | {graph[4]:.0f} | {bound_ms:.2f} | {bound_rate:.0f} "
-                  f"| {bound_rate / eager[0]:.2f} |")
+            cells = [f"{s}%", str(n), f"{eager[0]:.1f}",
+                     *(f"{rows.get((s, m, n), nan)[0]:.1f} ({rows.get((s, m, n), nan)[0] / eager[0]:.2f})" for m in modes),
+                     f"{eager[1]:.2f} / {graph[1]:.2f}", f"{eager[2]:.2f} / {graph[2]:.2f}", f"{figures[3]:.1f}",
+                     f"{figures[4]:.0f}", f"{bound_ms:.2f}", f"{bound_rate:.0f}", f"{bound_rate / eager[0]:.2f}"]
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from expertlora.host_nodes import HostNodesUnavailable, Semaphore, _library
+from expertlora.host_nodes import HostNodesUnavailable, Semaphore, _library, set_spin
 from expertlora.hybrid_graph import GraphCpuPart, HostCall
 
 from .conftest import FAMILIES
@@ -23,7 +23,15 @@ if isinstance(_library(), HostNodesUnavailable):
 HOST_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
-def test_semaphore_post_wait_and_timeout():
+@pytest.fixture(params=[(0, 0), (20_000, 20_000)], ids=["blocking", "polling first"])
+def spin(request):
+    """Each wait blocks at once, or polls 20 ms first (longer than the posts below take to come)."""
+    set_spin(*request.param)
+    yield request.param
+    set_spin(0, 0)
+
+
+def test_semaphore_post_wait_and_timeout(spin):
     s = Semaphore()
     start = time.monotonic()
     assert s.wait(0.05) is False and time.monotonic() - start >= 0.04
@@ -32,7 +40,7 @@ def test_semaphore_post_wait_and_timeout():
     assert s.wait(1.0) and s.wait(1.0) and not s.wait(0.01)
 
 
-def test_host_functions_called_as_cuda_calls_them():
+def test_host_functions_called_as_cuda_calls_them(spin):
     """The C functions behind the host nodes, called through their raw addresses from another
     thread (as the driver's callback thread does): post releases a waiter, wait blocks until posted."""
     lib = _library()

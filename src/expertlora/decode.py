@@ -21,12 +21,15 @@ import torch
 
 from .integration import LoadedModel
 
-# Families whose graph decode equals their eager decode on the H200 (tests/test_decode.py). The tiny
-# DeepSeek-V2 / V3 models (multi-head latent attention) failed in torch's cuDNN attention, eagerly
-# too; decoding here avoids that backend (_no_cudnn_attention), and they still hit a CUDA
-# "misaligned address" on the H200 (2026-12-01), not located: they decode eagerly here. The
-# serving engine's graphs (its own attention) replay them.
-GRAPH_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral")
+# Families whose graph decode equals their eager decode on the H200 (tests/test_decode.py).
+GRAPH_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3")
+# Multi-head latent attention (DeepSeek-V2 / V3): torch's cuDNN attention fails on the tiny test
+# models' head sizes, eagerly too, and its flash / memory-efficient kernels hit a CUDA "misaligned
+# address" when a step is captured in a graph (H200, 2026-12-01: scripts/decode_check.py, one
+# backend at a time; eager steps and the math backend are fine). They decode here with the math
+# backend, eager steps too (graph and eager must round alike): at one query token a step's
+# attention is two small matmuls either way.
+MATH_ATTENTION = ("deepseek_v2", "deepseek_v3")
 
 
 def greedy_decode(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int, graph: bool = True) -> torch.Tensor:
@@ -54,7 +57,7 @@ def greedy_decode(lm: LoadedModel, input_ids: torch.Tensor, max_new_tokens: int,
         token.copy_(logits[:, -1:].argmax(-1))
         position.add_(1)
 
-    with torch.no_grad(), _no_cudnn_attention(input_ids.device):
+    with torch.no_grad(), _attention_backends(input_ids.device, math=model.config.model_type in MATH_ATTENTION):
         logits = model(input_ids=input_ids, past_key_values=cache, cache_position=torch.arange(S, device=input_ids.device),
                        use_cache=True).logits
         token.copy_(logits[:, -1:].argmax(-1))
@@ -96,10 +99,11 @@ def graph_ready(lm: LoadedModel) -> bool:
     return lm.model.config.model_type in GRAPH_FAMILIES and isinstance(lm.engine, HybridMoE) and lm.engine.graphs_ready()
 
 
-def _no_cudnn_attention(device: torch.device):
-    """SDPA without cuDNN's backend on CUDA: it fails on the tiny DeepSeek test models' head sizes."""
+def _attention_backends(device: torch.device, math: bool):
+    """SDPA's backends on CUDA: never cuDNN's (see MATH_ATTENTION), only the math one
+    where ``math``."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel([SDPBackend.MATH] if math else [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

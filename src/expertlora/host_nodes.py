@@ -72,6 +72,12 @@ class Semaphore:
             lib.el_sem_destroy(self._buf)
 
 
+def set_spin(ready_us: int, done_us: int) -> None:
+    """How long each wait polls before it blocks, in microseconds: the host thread's wait for
+    the stream's inputs (``ready``) and the stream's wait for the host's result (``done``)."""
+    _require(_library()).el_set_spin(ctypes.c_int64(ready_us), ctypes.c_int64(done_us))
+
+
 def launch_host(stream: torch.cuda.Stream, action: str, semaphore: Semaphore) -> None:
     """Enqueue on ``stream`` a host function that posts (``"post"``) or waits on (``"wait"``)
     ``semaphore``; during stream capture this records a host node of the graph."""
@@ -121,5 +127,6 @@ def _library():
     for name in ("el_post", "el_wait", "el_sem_init", "el_sem_destroy"):
         getattr(lib, name).argtypes = [ctypes.c_void_p]
     lib.el_timed_wait.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.el_set_spin.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.el_sem_size.restype = ctypes.c_int64
     return lib
