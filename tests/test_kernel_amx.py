@@ -55,6 +55,8 @@ def build(method: str, group: int, E: int, H: int, I: int, seed: int = 0):
     adapters = {
         "a": random_expert_lora(E, H, I, [LAYER], {"gate": 4, "up": 8, "down": 16}, alpha=8.0, seed=seed + 1),
         "b": random_expert_lora(E, H, I, [LAYER], {"gate": 1, "down": 3}, alpha=2.0, seed=seed + 2),
+        # ranks in whole tiles: the LoRA shrinks run on AMX too (a's down: one 16-row tile)
+        "c": random_expert_lora(E, H, I, [LAYER], {"gate": 16, "up": 16, "down": 32}, alpha=16.0, seed=seed + 3),
     }
     return weights, adapters
 
@@ -78,7 +80,7 @@ def inputs(H: int, E: int, T: int = 37, k: int = 3, seed: int = 7):
     ids[T // 2, 1] = 1
     ids[ids == E - 1] = E - 2
     w = torch.rand(T, k, generator=gen) + 0.1
-    names = [("a", None, "b", "a", None)[t % 5] for t in range(T)]
+    names = [("a", None, "b", "c", "a", None, "c")[t % 7] for t in range(T)]
     x = torch.randn(T, H, generator=gen)
     return x, ids, w, names
 

@@ -28,7 +28,7 @@ HEADERS = (Path(__file__).parent / "csrc" / "amx.h",)
 METHOD_CODES = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
 # Tokens per expert from which its rows run on AMX tiles (bf16 / int8 / int4; measured on the
 # device's Xeon, BENCHMARKS.md "AMX tiles in the CPU kernel").
-AMX_TOKENS_PER_EXPERT = 16
+AMX_TOKENS_PER_EXPERT = 5
 
 
 class KernelUnavailable(RuntimeError):

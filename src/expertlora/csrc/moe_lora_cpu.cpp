@@ -24,7 +24,10 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -247,18 +250,18 @@ inline void pack16(const uint16_t* v, int64_t m, int64_t c, uint16_t* block) {
   for (int i = 0; i < 8; ++i) d[i * 16] = s[i];
 }
 
-// bf16 rows n .. n + 31 of expert e (K values each) into dst, for the A tiles.
+// bf16 rows n .. n + rows - 1 of expert e (K values each) into dst, for the A tiles.
 template <class W>
-inline void bf16_rows(const W& w, int64_t e, int64_t n, int64_t K, uint16_t* dst) {
+inline void bf16_rows(const W& w, int64_t e, int64_t n, int64_t rows, int64_t K, uint16_t* dst) {
   if constexpr (std::is_same_v<W, BF16W>) {
-    std::memcpy(dst, w.row(e, n).p, kAmxRows * K * sizeof(uint16_t));
+    std::memcpy(dst, w.row(e, n).p, rows * K * sizeof(uint16_t));
   } else if constexpr (std::is_same_v<W, I8W>) {
-    for (int64_t r = 0; r < kAmxRows; ++r) {
+    for (int64_t r = 0; r < rows; ++r) {
       const auto row = w.row(e, n + r);
       for (int64_t k = 0; k < K; k += 32) _mm512_storeu_si512(dst + r * K + k, (__m512i)w.chunk(row, k));
     }
   } else if constexpr (std::is_same_v<W, I4W>) {
-    for (int64_t r = 0; r < kAmxRows; ++r) {
+    for (int64_t r = 0; r < rows; ++r) {
       const auto row = w.row(e, n + r);
       for (int64_t g = 0; g < K / w.group; ++g) {
         const __m512i table = w.scaled_table(row, g);
@@ -270,57 +273,69 @@ inline void bf16_rows(const W& w, int64_t e, int64_t n, int64_t K, uint16_t* dst
 }
 
 // What rows_times_tokens computes, on tiles: out[m * stride + (n - n0)] = W[e, n] · x[m] for rows
-// [n0, n1) (a multiple of 32 of them) and n_tok tokens packed from `packed` (the expert's first
-// block). The thread's tile configuration is amx::full_tiles(). scratch: 32 * K bf16.
+// [n0, n1) (a multiple of 16 of them) and the expert's tokens m in [m_lo, m_hi), packed from
+// `packed` (the expert's first block). The thread's tile configuration is amx::full_tiles().
+// direct: bf16 A tiles straight from the weights, else from scratch (32 * K bf16).
 template <class W>
 EXPERTLORA_AMX_TARGET void rows_times_tokens_amx(const W& w, int64_t e, int64_t n0, int64_t n1, const uint16_t* packed,
-                                                 int64_t n_tok, int64_t K, float* out, int64_t stride, bool direct,
-                                                 uint16_t* scratch) {
+                                                 int64_t m_lo, int64_t m_hi, int64_t K, float* out, int64_t stride,
+                                                 bool direct, uint16_t* scratch) {
   alignas(64) float c[4][16][16];
-  const int64_t blocks = (n_tok + 15) / 16, chunks = K / 32, lda = K * sizeof(uint16_t);
+  const int64_t b_end = (m_hi + 15) / 16, chunks = K / 32, lda = K * sizeof(uint16_t);
   for (int64_t n = n0; n < n1; n += kAmxRows) {
+    const bool full = n1 - n >= kAmxRows;  // else 16 rows: one A tile
     const uint16_t* a = scratch;
     if constexpr (std::is_same_v<W, BF16W>) {
       if (direct) a = w.row(e, n).p;
-      else bf16_rows(w, e, n, K, scratch);
+      else bf16_rows(w, e, n, full ? 32 : 16, K, scratch);
     } else {
-      bf16_rows(w, e, n, K, scratch);
+      bf16_rows(w, e, n, full ? 32 : 16, K, scratch);
     }
     EXPERTLORA_COMPILER_FENCE();  // the scratch rows are in memory before the tile loads
-    for (int64_t b = 0; b < blocks; b += 2) {
-      const bool two = b + 1 < blocks;
+    for (int64_t b = m_lo / 16; b < b_end; b += 2) {
+      const bool two = b + 1 < b_end;
       const uint16_t* b0 = packed + b * 16 * K;
       const uint16_t* b1 = b0 + 16 * K;
       EXPERTLORA_TILE_ZERO(0);
       EXPERTLORA_TILE_ZERO(1);
       EXPERTLORA_TILE_ZERO(2);
       EXPERTLORA_TILE_ZERO(3);
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        EXPERTLORA_TILE_LOAD(4, a + ch * 32, lda);
-        EXPERTLORA_TILE_LOAD(5, a + 16 * K + ch * 32, lda);
-        EXPERTLORA_TILE_LOAD(6, b0 + ch * kBlockVals, 64);
-        EXPERTLORA_TILE_DP(0, 4, 6);
-        EXPERTLORA_TILE_DP(1, 5, 6);
-        if (two) {
-          EXPERTLORA_TILE_LOAD(7, b1 + ch * kBlockVals, 64);
-          EXPERTLORA_TILE_DP(2, 4, 7);
-          EXPERTLORA_TILE_DP(3, 5, 7);
+      if (full)
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+          EXPERTLORA_TILE_LOAD(4, a + ch * 32, lda);
+          EXPERTLORA_TILE_LOAD(5, a + 16 * K + ch * 32, lda);
+          EXPERTLORA_TILE_LOAD(6, b0 + ch * kBlockVals, 64);
+          EXPERTLORA_TILE_DP(0, 4, 6);
+          EXPERTLORA_TILE_DP(1, 5, 6);
+          if (two) {
+            EXPERTLORA_TILE_LOAD(7, b1 + ch * kBlockVals, 64);
+            EXPERTLORA_TILE_DP(2, 4, 7);
+            EXPERTLORA_TILE_DP(3, 5, 7);
+          }
         }
-      }
+      else
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+          EXPERTLORA_TILE_LOAD(4, a + ch * 32, lda);
+          EXPERTLORA_TILE_LOAD(6, b0 + ch * kBlockVals, 64);
+          EXPERTLORA_TILE_DP(0, 4, 6);
+          if (two) {
+            EXPERTLORA_TILE_LOAD(7, b1 + ch * kBlockVals, 64);
+            EXPERTLORA_TILE_DP(2, 4, 7);
+          }
+        }
       EXPERTLORA_TILE_STORE(0, c[0], 64);
       EXPERTLORA_TILE_STORE(1, c[1], 64);
-      if (two) {
-        EXPERTLORA_TILE_STORE(2, c[2], 64);
-        EXPERTLORA_TILE_STORE(3, c[3], 64);
-      }
+      EXPERTLORA_TILE_STORE(2, c[2], 64);
+      EXPERTLORA_TILE_STORE(3, c[3], 64);
       // c[i][r][j]: row n + 16 (i % 2) + r, token 16 (b + i / 2) + j
       for (int i = 0; i < (two ? 4 : 2); ++i) {
-        const int64_t m0 = 16 * (b + i / 2), r0 = 16 * (i % 2), M = std::min<int64_t>(16, n_tok - m0);
+        if (i % 2 && !full) continue;
+        const int64_t m0 = 16 * (b + i / 2), r0 = 16 * (i % 2);
         float s[16];
         for (int r = 0; r < 16; ++r) s[r] = std::is_same_v<W, I8W> ? w.scale(w.row(e, n + r0 + r), 0) : 1.f;
-        for (int64_t m = 0; m < M; ++m) {
-          float* o = out + (m0 + m) * stride + (n - n0) + r0;
-          for (int r = 0; r < 16; ++r) o[r] = c[i][r][m] * s[r];
+        for (int64_t m = std::max(m0, m_lo); m < std::min(m0 + 16, m_hi); ++m) {
+          float* o = out + m * stride + (n - n0) + r0;
+          for (int r = 0; r < 16; ++r) o[r] = c[i][r][m - m0] * s[r];
         }
       }
     }
@@ -365,6 +380,44 @@ inline __m512 expand16(__m512 v, const float* s, const LT* bt, int64_t r, int64_
 }
 
 // ---- the op
+
+inline bool env_is(const char* name, char value) {
+  const char* v = std::getenv(name);
+  return v && v[0] == value && v[1] == 0;
+}
+
+// The op's intermediates (gate/up and down outputs, h, LoRA shrinks, packed tokens: about 90 MB
+// for 512 Qwen3-30B-A3B tokens), kept from call to call: allocations this large come fresh from
+// the kernel each call (malloc's mmap / trim thresholds) and fault their pages in again, which
+// measured ~20,000 page faults a call at 512 tokens. One is kept per process, grow-only up to
+// kKeepBytes (a call that needs more, or finds it in use by another thread, takes its own).
+class Workspace {
+ public:
+  static constexpr size_t kKeepBytes = size_t(1) << 30;
+  static size_t rounded(size_t bytes) { return (bytes + 63) / 64 * 64; }
+  // One 64-byte-aligned region per size, in one buffer (reused when large enough).
+  std::vector<char*> regions(const std::vector<size_t>& bytes) {
+    size_t need = 64;
+    for (size_t b : bytes) need += rounded(b);
+    if (need > size_) {
+      buf_.reset(static_cast<char*>(std::aligned_alloc(64, need)));
+      TORCH_CHECK(buf_, "expertlora: could not allocate ", need, " bytes of kernel workspace");
+      size_ = need;
+    }
+    std::vector<char*> out;
+    char* p = buf_.get();
+    for (size_t b : bytes) out.push_back(p), p += rounded(b);
+    return out;
+  }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  std::unique_ptr<char, Free> buf_;
+  size_t size_ = 0;
+};
+
 
 inline int64_t rows_per_task(int64_t row_bytes) {
   return std::max(kRowBlock, (kTaskBytes / std::max<int64_t>(row_bytes, 1)) & ~int64_t(1));
@@ -445,14 +498,6 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
   std::vector<int64_t> active;  // experts with tokens
   for (int64_t e = 0; e < E; ++e)
     if (count[e + 1] > count[e]) active.push_back(e);
-  // LoRA tasks: runs of one expert and adapter, at most kLoRATokens pairs each
-  constexpr int64_t kLoRATokens = 16;
-  std::vector<std::pair<int64_t, int64_t>> lora_runs;
-  for (int64_t i = 0; i < E * S1; ++i)
-    if (i % S1 > 0)
-      for (int64_t q = key_start[i]; q < key_start[i + 1]; q += kLoRATokens)
-        lora_runs.push_back({q, std::min(q + kLoRATokens, key_start[i + 1])});
-
   // AMX: experts with at least amx_from pairs run their rows on tiles (fp32 weights never do).
   std::vector<int64_t> pad_off(E + 1, 0);  // expert e's packed tokens start at pad_off[e] (16 a block)
   std::vector<std::pair<int64_t, int64_t>> pack_tasks;  // (expert, block)
@@ -465,20 +510,37 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
       }
   }
   const bool use_amx = !pack_tasks.empty();
-  const char* direct_env = std::getenv("EXPERTLORA_AMX_DIRECT");  // a measurement switch (bf16)
-  const bool direct = direct_env && direct_env[0] == '1';
+  const bool direct = env_is("EXPERTLORA_AMX_DIRECT", '1');  // a measurement switch (bf16)
   auto is_amx = [&](int64_t e) { return pad_off[e + 1] > pad_off[e]; };
+  auto amx_rows = [](int64_t rows) { return rows > 0 && rows % 16 == 0; };  // LoRA shrinks on tiles
 
-  auto f32 = x.options().dtype(at::kFloat);
-  auto gu_out = at::empty({Q, 2 * I}, f32), d_out = at::empty({Q, H}, f32);
-  auto h = at::empty({Q, I}, x.options());
-  auto sx = at::empty({Q, r1}, f32), sh = at::empty({Q, r2}, f32);
-  auto y = at::empty({T, H}, f32);
-  auto x_pack = at::empty({pad_off[E] * H}, x.options()), h_pack = at::empty({pad_off[E] * I}, x.options());
-  float *gup = gu_out.data_ptr<float>(), *dp = d_out.data_ptr<float>(), *sxp = sx.data_ptr<float>(),
-        *shp = sh.data_ptr<float>(), *yp = y.data_ptr<float>();
-  Act* hp = (Act*)h.data_ptr();
-  uint16_t *xpk = (uint16_t*)x_pack.data_ptr(), *hpk = (uint16_t*)h_pack.data_ptr();
+  // LoRA tasks: runs of one expert and adapter, at most kLoRATokens pairs each on AVX-512, whole
+  // on AMX (tiles cost the same for 1 and 16 tokens; a block two runs share is computed twice)
+  constexpr int64_t kLoRATokens = 16;
+  std::vector<std::pair<int64_t, int64_t>> lora_runs;
+  for (int64_t i = 0; i < E * S1; ++i)
+    if (i % S1 > 0)
+      for (int64_t q = key_start[i], step = is_amx(i / S1) ? Q : kLoRATokens; q < key_start[i + 1]; q += step)
+        lora_runs.push_back({q, std::min(q + step, key_start[i + 1])});
+
+  // The intermediates, from the kept workspace (Workspace says why)
+  const std::vector<size_t> sizes = {size_t(Q * 2 * I) * 4, size_t(Q * H) * 4, size_t(Q * r1) * 4, size_t(Q * r2) * 4,
+                                     size_t(Q * I) * sizeof(Act), size_t(pad_off[E] * H) * 2, size_t(pad_off[E] * I) * 2};
+  size_t total = 0;
+  for (size_t b : sizes) total += Workspace::rounded(b);
+  static std::mutex ws_mutex;
+  static Workspace kept;
+  std::unique_lock<std::mutex> ws_lock(ws_mutex, std::defer_lock);
+  if (total <= Workspace::kKeepBytes) ws_lock.try_lock();
+  Workspace fresh;
+  const auto reg = (ws_lock.owns_lock() ? kept : fresh).regions(sizes);
+  float *gup = (float*)reg[0], *dp = (float*)reg[1], *sxp = (float*)reg[2], *shp = (float*)reg[3];
+  Act* hp = (Act*)reg[4];
+  uint16_t *xpk = (uint16_t*)reg[5], *hpk = (uint16_t*)reg[6];
+  auto y = at::empty({T, H}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  const bool profile = env_is("EXPERTLORA_PROFILE", '1');
+  double stamp[6] = {omp_get_wtime(), 0, 0, 0, 0, 0};
   for (int64_t q = 0; q < Q; ++q) q_h[q] = hp + q * I;
   const float* wts = topk_weights.data_ptr<float>();
 
@@ -511,24 +573,35 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
         if (n < 16) pack_block((const uint16_t* const*)&q_x[q0], 0, I, hpk + (pad_off[e] + 16 * b) * I);
       }
     }
+#pragma omp master
+    stamp[1] = omp_get_wtime();
     // 1. LoRA shrink of x (first, so it is not the tail); gate/up rows of every active expert
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_lora + n_active * gu_blocks; ++task) {
       if (task < n_lora) {
         const auto [q0, q1] = lora_runs[task];
         const auto& l = slots[q_slot[q0]];
-        rows_times_tokens(l.a_gu, q_exp[q0], 0, l.rg + l.ru, &q_x[q0], q1 - q0, H, sxp + q0 * r1, r1);
+        const int64_t e = q_exp[q0], rows = l.rg + l.ru;
+        if constexpr (!std::is_same_v<W, F32W>)
+          if (is_amx(e) && amx_rows(rows)) {
+            rows_times_tokens_amx(l.a_gu, e, 0, rows, xpk + pad_off[e] * H, q0 - count[e], q1 - count[e], H,
+                                  sxp + count[e] * r1, r1, true, scr);
+            continue;
+          }
+        rows_times_tokens(l.a_gu, e, 0, rows, &q_x[q0], q1 - q0, H, sxp + q0 * r1, r1);
       } else {
         const int64_t b = task - n_lora, e = active[b / gu_blocks], n0 = (b % gu_blocks) * gu_rows;
         const int64_t q0 = count[e], n = count[e + 1] - q0, n1 = std::min(n0 + gu_rows, 2 * I);
         if constexpr (!std::is_same_v<W, F32W>)
           if (is_amx(e)) {
-            rows_times_tokens_amx(gu, e, n0, n1, xpk + pad_off[e] * H, n, H, gup + q0 * 2 * I + n0, 2 * I, direct, scr);
+            rows_times_tokens_amx(gu, e, n0, n1, xpk + pad_off[e] * H, 0, n, H, gup + q0 * 2 * I + n0, 2 * I, direct, scr);
             continue;
           }
         rows_times_tokens(gu, e, n0, n1, &q_x[q0], n, H, gup + q0 * 2 * I + n0, 2 * I);
       }
     }
+#pragma omp master
+    stamp[2] = omp_get_wtime();
     // 2. LoRA expand of gate and up, activation (into the packed tokens too, for AMX experts)
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < Q * i_cols; ++task) {
@@ -549,24 +622,35 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
           if (block) pack16(hp + q * I + c, m, c, block);
       }
     }
+#pragma omp master
+    stamp[3] = omp_get_wtime();
     // 3. LoRA shrink of h; down rows of every active expert
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_lora + n_active * d_blocks; ++task) {
       if (task < n_lora) {
         const auto [q0, q1] = lora_runs[task];
         const auto& l = slots[q_slot[q0]];
-        rows_times_tokens(l.a_d, q_exp[q0], 0, l.rd, &q_h[q0], q1 - q0, I, shp + q0 * r2, r2);
+        const int64_t e = q_exp[q0];
+        if constexpr (!std::is_same_v<W, F32W>)
+          if (is_amx(e) && amx_rows(l.rd)) {
+            rows_times_tokens_amx(l.a_d, e, 0, l.rd, hpk + pad_off[e] * I, q0 - count[e], q1 - count[e], I,
+                                  shp + count[e] * r2, r2, true, scr);
+            continue;
+          }
+        rows_times_tokens(l.a_d, e, 0, l.rd, &q_h[q0], q1 - q0, I, shp + q0 * r2, r2);
       } else {
         const int64_t b = task - n_lora, e = active[b / d_blocks], n0 = (b % d_blocks) * d_rows;
         const int64_t q0 = count[e], n = count[e + 1] - q0, n1 = std::min(n0 + d_rows, H);
         if constexpr (!std::is_same_v<W, F32W>)
           if (is_amx(e)) {
-            rows_times_tokens_amx(dn, e, n0, n1, hpk + pad_off[e] * I, n, I, dp + q0 * H + n0, H, direct, scr);
+            rows_times_tokens_amx(dn, e, n0, n1, hpk + pad_off[e] * I, 0, n, I, dp + q0 * H + n0, H, direct, scr);
             continue;
           }
         rows_times_tokens(dn, e, n0, n1, &q_h[q0], n, I, dp + q0 * H + n0, H);
       }
     }
+#pragma omp master
+    stamp[4] = omp_get_wtime();
     // 4. LoRA expand of down and the routing-weight sum, in the order of the token's k choices
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < T * h_cols; ++task) {
@@ -587,6 +671,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
       }
     }
     if (use_amx) tiles_off();
+  }
+  if (profile) {  // a measurement aid: each phase's wall time (set-up includes the pair sort)
+    stamp[5] = omp_get_wtime();
+    std::fprintf(stderr, "expertlora T=%lld amx=%d: pack %.2f gate/up %.2f act %.2f down %.2f sum %.2f ms\n", (long long)T,
+                 (int)use_amx, 1e3 * (stamp[1] - stamp[0]), 1e3 * (stamp[2] - stamp[1]), 1e3 * (stamp[3] - stamp[2]),
+                 1e3 * (stamp[4] - stamp[3]), 1e3 * (stamp[5] - stamp[4]));
   }
   return y;
 }
