@@ -27,10 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .host_nodes import Semaphore, launch_host
+from .host_nodes import Semaphore, launch_host, set_spin
 
 # How long the worker waits for a call's inputs before it reports the replay as lost.
 READY_TIMEOUT_S = 60.0
+# How long the worker polls for a call's inputs before it blocks, in us (the stream's wait for the
+# result never polls: it would take a core from the CPU experts). On the H200 host, one token,
+# polling 300 us took 2-7% off a replayed hybrid layer; polling the result too cost 5-10%
+# (benchmarks/gpu_layer.py --parts hybrid, BENCHMARKS.md).
+POLL_READY_US = 300
 
 
 @dataclass
@@ -51,6 +56,7 @@ class GraphCpuPart:
     def __init__(self, run: Callable[[HostCall], torch.Tensor]):
         """``run(call)``: the CPU engine on a call's buffers, giving its [T, H] result."""
         self._run = run
+        set_spin(POLL_READY_US, 0)
         self._buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.preparing = False  # set around the eager steps before a capture: they allocate the buffers
         self.captured: list[HostCall] = []  # the calls of the capture in progress
