@@ -99,3 +99,18 @@ def test_kt_missing_is_a_clear_error(monkeypatch):
     (gate, up, down), _ = setup()
     with pytest.raises(KtUnavailable, match="--backend kt needs kt-kernel.*pip install --no-deps kt-kernel"):
         KtMoEEngine({LAYER: ExpertWeights.from_tensors(gate, up, down, "bf16")})
+
+
+def test_importing_kt_kernel_keeps_this_threads_denormals():
+    """kt-kernel's import turns on flush-to-zero in the importing thread (checked here, in a fresh
+    interpreter, so the test cannot pass by kt-kernel being imported already); the backend's
+    import puts the mode back."""
+    pytest.importorskip("kt_kernel")
+    import subprocess
+
+    probe = "import torch; print((torch.tensor([1e-39]) * 1.0).item() != 0.0)"
+    plain = subprocess.run([sys.executable, "-c", f"import kt_kernel; {probe}"], capture_output=True, text=True, timeout=120)
+    kept = subprocess.run([sys.executable, "-c", "from expertlora.kt_backend import keeping_denormals\n"
+                           f"with keeping_denormals(): import kt_kernel\n{probe}"], capture_output=True, text=True, timeout=120)
+    assert plain.stdout.split()[-1] == "False", plain.stdout + plain.stderr  # what the import does by itself
+    assert kept.stdout.split()[-1] == "True", kept.stdout + kept.stderr

@@ -13,6 +13,7 @@ Shape legend: E = experts, H = hidden, I = intermediate, r = the layer's kt rank
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -85,7 +86,8 @@ class KtMoEEngine:
         weight_path: str | None = None,
     ):
         try:
-            from kt_kernel import KTMoEWrapper  # noqa: F401
+            with keeping_denormals():
+                from kt_kernel import KTMoEWrapper  # noqa: F401
         except ImportError as e:
             raise KtUnavailable(
                 f"--backend kt needs kt-kernel ({e.name} is missing): pip install --no-deps kt-kernel gguf; "
@@ -161,6 +163,19 @@ class KtMoEEngine:
         if wrapper is None or wrapper.rank < rank or wrapper.k != k:
             self._wrappers[layer] = wrapper = _KtLayer(self.layers[layer], layer, rank, k, self.kt_method, self.threads, self.weight_path)
         return wrapper
+
+
+@contextlib.contextmanager
+def keeping_denormals():
+    """The calling thread's denormal mode as it was before: importing kt-kernel turns on
+    flush-to-zero there, which would change every later float computation of this thread (our
+    CPU kernel's and torch's results with it)."""
+    tiny = torch.tensor([1e-39])
+    flushed = bool((tiny * 1.0).item() == 0.0)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(flushed)
 
 
 def _fit_shared_buffer(hidden: int, k: int) -> None:
