@@ -378,8 +378,9 @@ def _run_prompts_file(config, path: Path, max_new_tokens: int, lora_rank, lora_a
 
     jobs = read_jobs(path, max_new_tokens)  # every line checked before the model loads
     with Engine(config, progress=loading_bar if progress else None) as engine:
+        paths = dict(config.adapters)
         for name, adapter in engine.lm.adapters.items():
-            check_seed_flags(name, adapter, lora_rank, lora_alpha)
+            check_seed_flags(paths[name], adapter.info, lora_rank, lora_alpha)
         ids = check_jobs(path, jobs, engine)
         with Progress(console=err_console, transient=True, disable=not progress) as bar:
             task = bar.add_task("requests", total=len(jobs))

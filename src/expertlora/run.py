@@ -207,7 +207,7 @@ def load_setup(
     masks = gpu_masks_for(base, device, gpu_experts, gpu_ratio, placement)
     adapters = {name: load_adapter(path, base) for name, path in named.items()}
     for name, adapter in adapters.items():
-        check_seed_flags(name, adapter, lora_rank, lora_alpha)
+        check_seed_flags(named[name], adapter.info, lora_rank, lora_alpha)
     bar = loading_bar if progress else None
     cpu_experts = masks is None or not all(bool(m.all()) for m in masks.values())
     prefill = threshold_for(gpu_prefill_threshold, method, device, cpu_experts)
@@ -318,15 +318,17 @@ def _prompt_ids(prompt: str | None, prompt_ids: str | None, tokenizer, model_dir
     return tokenizer(prompt)["input_ids"]
 
 
-def check_seed_flags(name: str, adapter, rank: int | None, alpha: float | None) -> None:
-    """The seed's --kt-moe-lora-rank / -alpha: rank and alpha come from the adapter; a flag
-    that disagrees with it is an error, not an override."""
+def check_seed_flags(path: Path, info, rank: int | None, alpha: float | None) -> None:
+    """The seed's --kt-moe-lora-rank / -alpha: rank and alpha come from the adapter at ``path``
+    (``info``: its header, AdapterInfo); a flag that disagrees with it is an error, not an override."""
+    from .errors import AdapterError
+
     for flag, value, attr in (("--kt-moe-lora-rank", rank, "rank"), ("--kt-moe-lora-alpha", alpha, "alpha")):
         if value is None:
             continue
-        found = {getattr(spec, attr) for projs in adapter.info.layers.values() for spec in projs.values()}
+        found = {getattr(spec, attr) for projs in info.layers.values() for spec in projs.values()}
         if found != {value}:
-            raise ValueError(f"{flag} {value}: adapter {name} has {attr} {', '.join(map(str, sorted(found)))}")
+            raise AdapterError(path, None, f"{attr} {value} ({flag} {value})", ", ".join(map(str, sorted(found))))
 
 
 def loading_bar(items, description: str):

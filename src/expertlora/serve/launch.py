@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import AdapterError
 
 
 def serve(
@@ -90,19 +89,16 @@ def _configs(model, adapters, served_model_name, host, port, api_key, adapter_di
 
 
 def _check_seed_flags(config, rank: int | None, alpha: float | None) -> None:
-    """The seed's --kt-moe-lora-rank / -alpha: read from each adapter; a flag that disagrees is an error."""
+    """The seed's --kt-moe-lora-rank / -alpha against each adapter's header, before the model loads."""
     if rank is None and alpha is None:
         return
     from ..formats import open_adapter
     from ..model_config import MoEConfig
+    from ..run import check_seed_flags
 
     base = MoEConfig.from_model_dir(config.model)
-    for name, path in config.adapters:
-        info = open_adapter(path, base).info
-        for flag, value, attr in (("--kt-moe-lora-rank", rank, "rank"), ("--kt-moe-lora-alpha", alpha, "alpha")):
-            found = {getattr(spec, attr) for projs in info.layers.values() for spec in projs.values()}
-            if value is not None and found != {value}:
-                raise AdapterError(path, None, f"{attr} {value} ({flag})", ", ".join(map(str, sorted(found))))
+    for _, path in config.adapters:
+        check_seed_flags(path, open_adapter(path, base).info, rank, alpha)
 
 
 def _engine(config, progress: bool):
