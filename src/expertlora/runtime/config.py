@@ -55,14 +55,14 @@ class EngineConfig:
             ("max_loaded_adapters", self.max_loaded_adapters, 1, 1024),
             ("max_queued_requests", self.max_queued_requests, 1, 1 << 20),
         ):
-            _check_int(name, value, low, high)
+            check_int(name, value, low, high)
         for name, value in (("max_model_len", self.max_model_len), ("threads", self.threads), ("group_size", self.group_size)):
             if value is not None:
-                _check_int(name, value, 1, MAX_TOKENS_BOUND)
+                check_int(name, value, 1, MAX_TOKENS_BOUND)
         if self.gpu_prefill_threshold is not None:
-            _check_int("gpu_prefill_threshold", self.gpu_prefill_threshold, 0, MAX_TOKENS_BOUND)
+            check_int("gpu_prefill_threshold", self.gpu_prefill_threshold, 0, MAX_TOKENS_BOUND)
         if self.kv_cache_memory is not None:
-            _check_int("kv_cache_memory", self.kv_cache_memory, 1, 1 << 50)
+            check_int("kv_cache_memory", self.kv_cache_memory, 1, 1 << 50)
         if self.gpu_experts_ratio is not None and not (isinstance(self.gpu_experts_ratio, (int, float)) and math.isfinite(self.gpu_experts_ratio) and 0 <= self.gpu_experts_ratio <= 1):
             raise ValueError(f"gpu_experts_ratio: expected a number in [0, 1], found {self.gpu_experts_ratio!r}")
         names = [n for n, _ in self.adapters]
@@ -72,6 +72,8 @@ class EngineConfig:
             raise ValueError(f"adapters: {len(names)} given, more than max_loaded_adapters ({self.max_loaded_adapters})")
 
 
-def _check_int(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name}: expected an integer in [{low}, {high}], found {value!r}")
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    """``value`` must be an integer (not a bool) in [low, high] (no upper bound where high is None)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
+        raise ValueError(f"{name}: expected an integer {bound}, found {value!r}")

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import check_int
+
 FINISH_REASONS = ("stop", "length", "abort")
 # Bounds on what a request may ask for: every loop and buffer a request sizes stays bounded.
 MAX_STOP_STRINGS = 16
@@ -44,10 +46,10 @@ class SamplingParams:
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        _check_int("max_tokens", self.max_tokens, 1)
-        _check_int("top_k", self.top_k, 0)
+        check_int("max_tokens", self.max_tokens, 1)
+        check_int("top_k", self.top_k, 0)
         if self.seed is not None:
-            _check_int("seed", self.seed, 0, 2**63 - 1)
+            check_int("seed", self.seed, 0, 2**63 - 1)
         for name, value, low, high, low_open in (("temperature", self.temperature, 0.0, 100.0, False), ("top_p", self.top_p, 0.0, 1.0, True)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}: expected a finite number, found {value!r}")
@@ -58,17 +60,11 @@ class SamplingParams:
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids: expected at most {MAX_STOP_TOKEN_IDS} ids, found {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, 0)
+            check_int("stop_token_ids", t, 0)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
-        raise ValueError(f"{name}: expected an integer {bound}, found {value!r}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.adapters import check_name
+from ..runtime.config import check_int
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a request body; prompts are also bounded by the context
 MAX_API_KEY_CHARS = 512
@@ -41,9 +42,9 @@ class ServeConfig:
             check_name(self.served_model_name)
         if not isinstance(self.host, str) or not self.host or len(self.host) > 255:
             raise ValueError(f"host: expected a host name or address, found {self.host!r}")
-        _check_int("port", self.port, 0, 65535)
-        _check_int("max_body_bytes", self.max_body_bytes, 1024, 1 << 32)
-        _check_int("retry_after_s", self.retry_after_s, 0, 3600)
+        check_int("port", self.port, 0, 65535)
+        check_int("max_body_bytes", self.max_body_bytes, 1024, 1 << 32)
+        check_int("retry_after_s", self.retry_after_s, 0, 3600)
         if isinstance(self.shutdown_timeout, bool) or not isinstance(self.shutdown_timeout, (int, float)) or not (
             math.isfinite(self.shutdown_timeout) and 0 <= self.shutdown_timeout <= 24 * 3600
         ):
@@ -69,6 +70,3 @@ class ServeConfig:
             return False
 
 
-def _check_int(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name}: expected an integer in [{low}, {high}], found {value!r}")
