@@ -172,3 +172,18 @@ def test_amx_from_environment(monkeypatch):
     monkeypatch.setattr(kernels, "has_amx", lambda: False)
     monkeypatch.setenv("EXPERTLORA_AMX", "8")
     assert kernels.amx_from() == 0
+
+
+@pytest.mark.parametrize("variant", ["avx512", *VARIANTS])
+def test_small_and_large_batch_task_layouts_give_the_same_bits(variant):
+    """Phases 2 and 4 split small batches by (pair, 64 columns) and large ones (at least 32 pairs
+    a thread) by chunks of 8 pairs, the down LoRA expand moving out of the per-token sum: the
+    operations per pair are the same, so are the bits. 60 pairs: large for 1 thread, small for 2."""
+    op = None if variant == "avx512" else _op(variant)
+    method, group, E, H, I = CASES[2]
+    weights, adapters = build(method, group, E, H, I, seed=11)
+    x, ids, w, names = inputs(H, E, T=20, seed=12)
+    runs = [engine(weights, adapters, op, amx_from=0 if op is None else 1, threads=n) for n in (1, 2)]
+    slots = runs[0].token_slots(names)
+    y1, y2 = (eng.forward(LAYER, x, ids, w, slots) for eng in runs)
+    assert torch.equal(y1, y2)

@@ -554,8 +554,10 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
   const int64_t gu_rows = task_rows(H * W::kBits / 8), d_rows = task_rows(I * W::kBits / 8);
   const int64_t gu_blocks = (2 * I + gu_rows - 1) / gu_rows, d_blocks = (H + d_rows - 1) / d_rows;
   const int64_t h_cols = (H + kColBlock - 1) / kColBlock;
-  constexpr int64_t kPairChunk = 8;  // pairs per task in phases 2 and 4a
-  const int64_t pair_chunks = (Q + kPairChunk - 1) / kPairChunk;
+  constexpr int64_t kPairChunk = 8;  // pairs per task in phases 2 and 4a of large batches
+  const bool by_chunks = Q >= 4 * kPairChunk * num_threads;  // at least 4 chunks a thread
+  const int64_t pair_chunk = by_chunks ? kPairChunk : 1, pair_tasks = (Q + pair_chunk - 1) / pair_chunk;
+  const int64_t i_block = by_chunks ? I : kColBlock, i_blocks = (I + i_block - 1) / i_block;
 
 #pragma omp parallel num_threads(num_threads)
   {
@@ -605,13 +607,15 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
 #pragma omp master
     stamp[2] = omp_get_wtime();
     // 2. LoRA expand of gate and up, activation (into the packed tokens too, for AMX experts).
-    // Tasks of kPairChunk consecutive pairs (mostly one expert and adapter: its LoRA B columns
-    // stay in L1 from pair to pair); tasks of one pair and 64 columns spent more time taking
-    // tasks than computing (about 3.7 ms at 512 Qwen3 tokens on the device).
+    // Large batches: tasks of kPairChunk consecutive pairs (mostly one expert and adapter: its
+    // LoRA B columns stay in L1 from pair to pair); tasks of one pair and 64 columns spent more
+    // time taking tasks than computing there (about 3.7 ms at 512 Qwen3 tokens on the device).
+    // Small batches: tasks of one pair and 64 columns, so that every thread has some.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < pair_chunks; ++task) {
-      const int64_t qa = task * kPairChunk, qb = std::min(qa + kPairChunk, Q);
-      for (int64_t c = 0; c < I; c += 16)
+    for (int64_t task = 0; task < pair_tasks * i_blocks; ++task) {
+      const int64_t qa = task / i_blocks * pair_chunk, qb = std::min(qa + pair_chunk, Q);
+      const int64_t ca = task % i_blocks * i_block, cb = std::min(ca + i_block, I);
+      for (int64_t c = ca; c < cb; c += 16)
         for (int64_t q = qa; q < qb; ++q) {
           const int64_t e = q_exp[q];
           const float* g_row = gup + q * 2 * I;
@@ -658,11 +662,11 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
     }
 #pragma omp master
     stamp[4] = omp_get_wtime();
-    // 4a. LoRA expand of down, in place, by chunks of pairs as in phase 2 (per token in phase
-    // 4b, each pair read its expert's B columns again: 268 MB at 512 Qwen3 tokens)
-    if (n_lora > 0) {
+    // 4a. Large batches: LoRA expand of down, in place, by chunks of pairs as in phase 2 (per
+    // token in phase 4b, each pair read its expert's B columns again: 268 MB at 512 Qwen3 tokens)
+    if (by_chunks && n_lora > 0) {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < pair_chunks; ++task) {
+      for (int64_t task = 0; task < pair_tasks; ++task) {
         const int64_t qa = task * kPairChunk, qb = std::min(qa + kPairChunk, Q);
         for (int64_t c = 0; c < H; c += 16)
           for (int64_t q = qa; q < qb; ++q)
@@ -673,7 +677,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
             }
       }
     }
-    // 4b. the routing-weight sum, in the order of the token's k choices
+    // 4b. the routing-weight sum, in the order of the token's k choices (small batches: with the
+    // LoRA expand of down; the same operations as 4a's, so the same bits)
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < T * h_cols; ++task) {
       const int64_t t = task / h_cols, c0 = (task % h_cols) * kColBlock;
@@ -682,7 +687,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
         for (int64_t j = 0; j < k; ++j) {
           const int64_t q = q_of[t * k + j];
           if (q < 0) continue;
-          acc = _mm512_fmadd_ps(_mm512_set1_ps(wts[t * k + j]), load16(dp + q * H + c), acc);
+          __m512 d = load16(dp + q * H + c);
+          if (!by_chunks && q_slot[q] >= 0) {
+            const auto& l = slots[q_slot[q]];
+            d = expand16(d, shp + q * r2, l.bt_d + q_exp[q] * l.rd * H + c, l.rd, H);
+          }
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(wts[t * k + j]), d, acc);
         }
         _mm512_storeu_ps(yp + t * H + c, acc);
       }
