@@ -379,6 +379,30 @@ inline __m512 expand16(__m512 v, const float* s, const LT* bt, int64_t r, int64_
   return v;
 }
 
+// expand16 for n pairs of one expert and adapter: v[i * vs ..] += Σ_j s[i * ss + j] · bt[j * ld ..],
+// the same multiply-adds in the same order per pair (so the same bits), with B's 16 columns
+// converted once per 16 ranks for all n pairs instead of once per pair.
+template <class LT>
+inline void expand16_pairs(float* v, int64_t vs, int64_t n, const float* s, int64_t ss, const LT* bt, int64_t r,
+                           int64_t ld) {
+  for (int64_t j0 = 0; j0 < r; j0 += 16) {
+    __m512 b[16];
+    const int64_t nj = std::min<int64_t>(16, r - j0);
+    for (int64_t j = 0; j < nj; ++j) b[j] = load16(bt + (j0 + j) * ld);
+    for (int64_t i = 0; i < n; ++i) {
+      __m512 x = _mm512_loadu_ps(v + i * vs);
+      const float* si = s + i * ss + j0;
+      if (nj == 16) {
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) x = _mm512_fmadd_ps(_mm512_set1_ps(si[j]), b[j], x);
+      } else {
+        for (int64_t j = 0; j < nj; ++j) x = _mm512_fmadd_ps(_mm512_set1_ps(si[j]), b[j], x);
+      }
+      _mm512_storeu_ps(v + i * vs, x);
+    }
+  }
+}
+
 // ---- the op
 
 inline bool env_is(const char* name, char value) {
@@ -615,23 +639,34 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
     for (int64_t task = 0; task < pair_tasks * i_blocks; ++task) {
       const int64_t qa = task / i_blocks * pair_chunk, qb = std::min(qa + pair_chunk, Q);
       const int64_t ca = task % i_blocks * i_block, cb = std::min(ca + i_block, I);
-      for (int64_t c = ca; c < cb; c += 16)
-        for (int64_t q = qa; q < qb; ++q) {
-          const int64_t e = q_exp[q];
-          const float* g_row = gup + q * 2 * I;
-          __m512 g = load16(g_row + c), u = load16(g_row + I + c);
-          if (q_slot[q] >= 0) {
-            const auto& l = slots[q_slot[q]];
-            g = expand16(g, sxp + q * r1, l.bt_g + e * l.rg * I + c, l.rg, I);
-            u = expand16(u, sxp + q * r1 + l.rg, l.bt_u + e * l.ru * I + c, l.ru, I);
-          }
-          store16(hp + q * I + c, _mm512_mul_ps(silu16(g), u));
-          if constexpr (!std::is_same_v<W, F32W>)
-            if (is_amx(e)) {
-              const int64_t m = q - count[e];
-              pack16(hp + q * I + c, m % 16, c, hpk + (pad_off[e] + m / 16 * 16) * I);
-            }
+      for (int64_t qs = qa, qe; qs < qb; qs = qe) {  // runs of one expert and adapter
+        const int64_t e = q_exp[qs], slot = q_slot[qs];
+        for (qe = qs + 1; qe < qb && q_exp[qe] == e && q_slot[qe] == slot; ++qe) {
         }
+        const int64_t n = qe - qs;
+        for (int64_t c = ca; c < cb; c += 16) {
+          alignas(64) float g[kPairChunk][16], u[kPairChunk][16];
+          for (int64_t i = 0; i < n; ++i) {
+            const float* g_row = gup + (qs + i) * 2 * I;
+            _mm512_store_ps(g[i], load16(g_row + c));
+            _mm512_store_ps(u[i], load16(g_row + I + c));
+          }
+          if (slot >= 0) {
+            const auto& l = slots[slot];
+            expand16_pairs(g[0], 16, n, sxp + qs * r1, r1, l.bt_g + e * l.rg * I + c, l.rg, I);
+            expand16_pairs(u[0], 16, n, sxp + qs * r1 + l.rg, r1, l.bt_u + e * l.ru * I + c, l.ru, I);
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t q = qs + i;
+            store16(hp + q * I + c, _mm512_mul_ps(silu16(_mm512_load_ps(g[i])), _mm512_load_ps(u[i])));
+            if constexpr (!std::is_same_v<W, F32W>)
+              if (is_amx(e)) {
+                const int64_t m = q - count[e];
+                pack16(hp + q * I + c, m % 16, c, hpk + (pad_off[e] + m / 16 * 16) * I);
+              }
+          }
+        }
+      }
     }
 #pragma omp master
     stamp[3] = omp_get_wtime();
@@ -668,13 +703,15 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < pair_tasks; ++task) {
         const int64_t qa = task * kPairChunk, qb = std::min(qa + kPairChunk, Q);
-        for (int64_t c = 0; c < H; c += 16)
-          for (int64_t q = qa; q < qb; ++q)
-            if (q_slot[q] >= 0) {
-              const auto& l = slots[q_slot[q]];
-              float* d = dp + q * H + c;
-              _mm512_storeu_ps(d, expand16(load16(d), shp + q * r2, l.bt_d + q_exp[q] * l.rd * H + c, l.rd, H));
-            }
+        for (int64_t qs = qa, qe; qs < qb; qs = qe) {  // runs of one expert and adapter
+          const int64_t e = q_exp[qs], slot = q_slot[qs];
+          for (qe = qs + 1; qe < qb && q_exp[qe] == e && q_slot[qe] == slot; ++qe) {
+          }
+          if (slot < 0) continue;
+          const auto& l = slots[slot];
+          for (int64_t c = 0; c < H; c += 16)
+            expand16_pairs(dp + qs * H + c, H, qe - qs, shp + qs * r2, r2, l.bt_d + e * l.rd * H + c, l.rd, H);
+        }
       }
     }
     // 4b. the routing-weight sum, in the order of the token's k choices (small batches: with the
