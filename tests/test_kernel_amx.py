@@ -127,7 +127,7 @@ def test_amx_tokens_without_adapter_get_the_base_bits(variant, method):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_amx_threshold_off_is_the_avx512_path_and_direct_rows_equal_copied(variant, monkeypatch):
+def test_amx_threshold_off_is_the_avx512_path_and_copied_rows_equal_direct(variant, monkeypatch):
     op = _op(variant)
     method, group, E, H, I = CASES[0]
     weights, adapters = build(method, group, E, H, I, seed=5)
@@ -137,9 +137,9 @@ def test_amx_threshold_off_is_the_avx512_path_and_direct_rows_equal_copied(varia
     assert torch.equal(engine(weights, adapters, op, amx_from=0).forward(LAYER, x, ids, w, slots), y_avx)
     y_big = engine(weights, adapters, op, amx_from=10**6).forward(LAYER, x, ids, w, slots)
     assert torch.equal(y_big, y_avx)  # no expert reaches the threshold
-    copied = engine(weights, adapters, op, amx_from=1).forward(LAYER, x, ids, w, slots)
-    monkeypatch.setenv("EXPERTLORA_AMX_DIRECT", "1")  # bf16 A tiles straight from the weights
     direct = engine(weights, adapters, op, amx_from=1).forward(LAYER, x, ids, w, slots)
+    monkeypatch.setenv("EXPERTLORA_AMX_COPY", "1")  # bf16 A tiles from a copy of the task's rows
+    copied = engine(weights, adapters, op, amx_from=1).forward(LAYER, x, ids, w, slots)
     assert torch.equal(direct, copied) and not torch.equal(direct, y_avx)
 
 

@@ -223,8 +223,8 @@ void rows_times_tokens(const W& w, int64_t e, int64_t n0, int64_t n1, const type
 // row task): per block of 16 tokens and chunk of 32 values of K, 16 rows of 16 dwords, dword
 // [kk][m] = the pair (x[m][32c + 2kk], x[m][32c + 2kk + 1]), a dword transpose of the tokens.
 // A block's unused token columns are zero (a C column depends on its own B column only).
-// bf16 rows are tile-loaded from a copy of the task's 32 rows (contiguous, so the copy streams)
-// or, with EXPERTLORA_AMX_DIRECT=1, straight from the [E, N, K] storage; int8 rows are turned
+// bf16 rows are tile-loaded straight from the [E, N, K] storage (or, with EXPERTLORA_AMX_COPY=1,
+// from a copy of the task's 32 rows, for comparison); int8 rows are turned
 // into exact bf16 and their scale applied to the C rows, as the AVX-512 path does; int4 rows are
 // dequantized with their group scales into bf16 (gpu_prefill's dequantization), so a C tile
 // needs no per-group rescaling.
@@ -534,7 +534,9 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
       }
   }
   const bool use_amx = !pack_tasks.empty();
-  const bool direct = env_is("EXPERTLORA_AMX_DIRECT", '1');  // a measurement switch (bf16)
+  // bf16 A tiles straight from the weights; EXPERTLORA_AMX_COPY=1 (a measurement switch) loads
+  // them from a copy of the task's rows, which measured 5-20% slower on the device at 64-512 tokens
+  const bool direct = !env_is("EXPERTLORA_AMX_COPY", '1');
   auto is_amx = [&](int64_t e) { return pad_off[e + 1] > pad_off[e]; };
   auto amx_rows = [](int64_t rows) { return rows > 0 && rows % 16 == 0; };  // LoRA shrinks on tiles
 
