@@ -417,7 +417,7 @@ inline bool env_is(const char* name, char value) {
 // kKeepBytes (a call that needs more, or finds it in use by another thread, takes its own).
 class Workspace {
  public:
-  static constexpr size_t kKeepBytes = size_t(1) << 30;
+  static constexpr size_t kKeepBytes = size_t(512) << 20;
   static size_t rounded(size_t bytes) { return (bytes + 63) / 64 * 64; }
   // One 64-byte-aligned region per size, in one buffer (reused when large enough).
   std::vector<char*> regions(const std::vector<size_t>& bytes) {
