@@ -1,8 +1,10 @@
-// The MoE-LoRA forward of one layer on the CPU (AVX-512 + AVX512-BF16): one op, one parallel
-// region, four phases with a barrier after each.
+// The MoE-LoRA forward of one layer on the CPU (AVX-512 + AVX512-BF16, and AMX tiles where the
+// CPU has them): one op, one parallel region, four phases with a barrier after each (plus a pack
+// phase before them when AMX runs, and a LoRA expand of down before the sum in large batches).
 //
 // Shape legend: T = tokens, k = experts per token, E = experts, H = hidden, I = intermediate,
-// Q = routed pairs kept (ids in [0, E)), grouped by expert; r1 = rg + ru, r2 = rd (per slot).
+// Q = routed pairs kept (ids in [0, E)), grouped by expert and, within an expert, by adapter
+// slot; r1 = rg + ru, r2 = rd (per slot).
 //
 // The math is moe.py's reference_moe:
 //   1. rows:    gu[q] = W_gu[e] · x[t]              shrink:  sx[q] = A_gu[s][e] · x[t]
@@ -14,7 +16,8 @@
 // without an adapter never touches LoRA, so its bits equal a run with no adapters loaded.
 //
 // Methods: fp32 weights run with fp32 activations (FMA); bf16 / int8 / int4 weights are turned
-// into bf16 in registers and run with bf16 activations (vdpbf16ps, fp32 accumulation).
+// into bf16 in registers and run with bf16 activations (vdpbf16ps, fp32 accumulation). Experts
+// with at least amx_from tokens run phases 1 and 3 on AMX tiles instead (the AMX section).
 #include <ATen/ATen.h>
 #include <immintrin.h>
 #include <omp.h>
