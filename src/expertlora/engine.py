@@ -30,7 +30,10 @@ from .moe import moe_forward_torch
 from .slots import NO_ADAPTER, AdapterSlots
 
 KERNELS = ("auto", "compiled", "torch")
-AMX_TOKENS_PER_EXPERT = 96
+# bf16 batches with this many tokens per expert go to PyTorch's oneDNN matmuls where the CPU has
+# AMX: measured against the kernel before it had AMX tiles of its own (BENCHMARKS.md, run A;
+# not re-measured against kernels.AMX_TOKENS_PER_EXPERT's tile path).
+ONEDNN_TOKENS_PER_EXPERT = 96
 
 
 class MoELoRAEngine:
@@ -72,7 +75,7 @@ class MoELoRAEngine:
         self.slots = AdapterSlots(*shape, self.act_dtype, experts)
         self._kernel = None if kernel == "torch" else _compiled(first, required=kernel == "compiled")
         if onednn_from is None and self.method == "bf16" and has_amx():
-            onednn_from = AMX_TOKENS_PER_EXPERT
+            onednn_from = ONEDNN_TOKENS_PER_EXPERT
         self.onednn_from = onednn_from
         self.amx_from = amx_from()  # the kernel's experts with this many tokens use AMX tiles (0: never)
 
