@@ -357,11 +357,12 @@ def engine_config(model_dir: Path, paths: dict, args, budget: int):
 
 def one_at_a_time(model_dir: Path, paths: dict, reqs: list[Req], args) -> dict:
     """`expertlora run`'s path: run.load_setup, then run.generate for each request in turn."""
-    from expertlora.run import Sampling, generate, load_setup
+    from expertlora.run import ModelOptions, Sampling, generate, load_setup
 
     cuda = args.device != "cpu"
-    setup = load_setup(model_dir, [f"{n}={p}" for n, p in paths.items()], None, None, "1", args.method, "auto", args.threads,
-                       progress=False, device=args.device, gpu_ratio=args.gpu_experts_ratio if cuda else None)
+    options = ModelOptions(model_dir, tuple(f"{n}={p}" for n, p in paths.items()), args.method, threads=args.threads,
+                           device=args.device, gpu_ratio=args.gpu_experts_ratio if cuda else None)
+    setup = load_setup(options, None, None, "1", progress=False)
     lm = setup.model
     generate(lm, reqs[0].prompt[:32], reqs[0].adapter, Sampling(max_new_tokens=4, ignore_eos=True))  # warm-up
     traces, t0 = [], time.perf_counter()

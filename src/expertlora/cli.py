@@ -310,7 +310,7 @@ def run(
     One prompt (--prompt / --prompt-ids), or many at once with --prompts-file: they share the
     serving engine's continuous batches, each with its own adapter and sampling.
     """
-    from .run import Sampling, generate, load_setup
+    from .run import ModelOptions, Sampling, generate, load_setup
 
     if prompts_file is not None:
         with _errors("run"):
@@ -341,9 +341,12 @@ def run(
     out = _stdout_for_results() if backend == "kt" else sys.stdout
     with _errors("run"):  # every option is checked before the model loads
         sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
-        setup = load_setup(model, adapter or [], use, prompt, prompt_ids, method, dtype, threads, lora_rank, lora_alpha, progress, backend,
-                           device, gpu_experts, gpu_ratio, placement, kt_weight_path, sampling=sampling, group_size=group_size,
-                           gpu_prefill_threshold=gpu_prefill_threshold)
+        options = ModelOptions(
+            model, tuple(adapter or ()), method=method, dtype=dtype, threads=threads, backend=backend, device=device,
+            gpu_experts=gpu_experts, gpu_ratio=gpu_ratio, placement=placement, kt_weight_path=kt_weight_path,
+            group_size=group_size, gpu_prefill_threshold=gpu_prefill_threshold, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        )
+        setup = load_setup(options, use, prompt, prompt_ids, sampling=sampling, progress=progress)
         result = generate(setup.model, setup.prompt_ids, setup.adapter, sampling, setup.tokenizer, graphs=cuda_graphs)
     if as_json:
         print(json.dumps(result.to_json()), file=out, flush=True)
@@ -414,7 +417,7 @@ def profile(
 
     from .convert import check_outputs
     from .placement import profile as run_profile, read_prompts
-    from .run import adapter_choice, check_prompts, load_setup, load_tokenizer
+    from .run import ModelOptions, adapter_choice, check_prompts, load_setup, load_tokenizer
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, via PEFT
     with _errors("profile"):
@@ -426,8 +429,8 @@ def profile(
         check_prompts(model, ids, max_new_tokens)  # every prompt, before the model loads
         check_outputs([output], [prompts, model / "config.json"])
         # load_setup checks the options and loads the model; it takes one prompt: the first
-        setup = load_setup(model, adapter or [], use, prompt=None, prompt_ids=",".join(map(str, ids[0])), method=method,
-                           dtype="auto", threads=threads, progress=progress, group_size=group_size)
+        options = ModelOptions(model, tuple(adapter or ()), method=method, threads=threads, group_size=group_size)
+        setup = load_setup(options, use, prompt=None, prompt_ids=",".join(map(str, ids[0])), progress=progress)
         bar = (lambda items, what: track(items, description=what, transient=True, console=err_console)) if progress else None
         stats = run_profile(setup.model, ids, setup.adapter, max_new_tokens, bar)
         stats.save(output)

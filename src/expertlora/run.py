@@ -141,79 +141,108 @@ def parse_adapter_option(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model options of ``expertlora run`` / ``profile``, as their flags give them; every one
+    is checked by ``load_setup`` before anything loads (errors name the flag)."""
+
+    model_dir: Path
+    adapters: tuple[str, ...] = ()  # --adapter values, [NAME=]PATH
+    method: str = "bf16"
+    dtype: str = "auto"
+    threads: int | None = None
+    backend: str = "cpu"
+    device: str = "cpu"
+    gpu_experts: int | None = None
+    gpu_ratio: float | None = None
+    placement: str = "prefix"
+    kt_weight_path: Path | None = None
+    group_size: int | None = None
+    gpu_prefill_threshold: int | None = None  # None: the method's measured default on a GPU
+    lora_rank: int | None = None  # the seed's --kt-moe-lora-rank / -alpha: checked against the adapters
+    lora_alpha: float | None = None
+
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def load_setup(
-    model_dir: Path,
-    adapter_options: list[str],
+    options: ModelOptions,
     use: str | None,
     prompt: str | None,
     prompt_ids: str | None,
-    method: str,
-    dtype: str,
-    threads: int | None,
-    lora_rank: int | None = None,
-    lora_alpha: float | None = None,
-    progress: bool = True,
-    backend: str = "cpu",
-    device: str = "cpu",
-    gpu_experts: int | None = None,
-    gpu_ratio: float | None = None,
-    placement: str = "prefix",
-    kt_weight_path: Path | None = None,
     *,
     sampling: Sampling | None = None,
-    group_size: int | None = None,
-    gpu_prefill_threshold: int | None = None,
+    progress: bool = True,
 ) -> Setup:
     """Check every option, then load the adapters and the model (with a progress bar).
 
     ``sampling``, when given, is checked against the model too: its prompt and new tokens must
     fit the model's context (max_position_embeddings)."""
-    from .formats import load_adapter
-    from .gpu_prefill import threshold_for
-    from .integration import _int4_group, load_model
+    from .integration import _int4_group
     from .model_config import check_model_fields
     from .quantize import resolve_method
 
-    method = resolve_method(method)
-    if backend not in ("cpu", "kt"):
-        raise ValueError(f"--backend {backend!r}: expected cpu or kt")
-    if backend == "kt":
+    o = options
+    method = resolve_method(o.method)
+    if o.backend not in ("cpu", "kt"):
+        raise ValueError(f"--backend {o.backend!r}: expected cpu or kt")
+    if o.backend == "kt":
         from .kt_backend import kt_method
 
-        kt_method(method, from_files=kt_weight_path is not None)
-    if kt_weight_path is not None and not kt_weight_path.is_dir():
-        raise ValueError(f"--kt-weight-path {kt_weight_path}: expected a folder of kt-kernel's converted weights")
-    dtypes = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if dtype not in dtypes:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(dtypes)}")
-    _check_threads(threads)
-    if group_size is not None and (method != "int4" or (backend == "kt" and kt_weight_path is None)):
-        raise ValueError(f"--group-size {group_size}: only our int4 storage has groups (--method int4, --backend cpu or --kt-weight-path)")
+        kt_method(method, from_files=o.kt_weight_path is not None)
+    if o.kt_weight_path is not None and not o.kt_weight_path.is_dir():
+        raise ValueError(f"--kt-weight-path {o.kt_weight_path}: expected a folder of kt-kernel's converted weights")
+    if o.dtype not in DTYPES:
+        raise ValueError(f"--dtype {o.dtype!r}: expected one of {', '.join(DTYPES)}")
+    _check_threads(o.threads)
+    if o.group_size is not None and (method != "int4" or (o.backend == "kt" and o.kt_weight_path is None)):
+        raise ValueError(f"--group-size {o.group_size}: only our int4 storage has groups (--method int4, --backend cpu or --kt-weight-path)")
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of --prompt and --prompt-ids")
-    named, chosen = adapter_choice(adapter_options, use)
-    _check_seed_flag_values(named, lora_rank, lora_alpha)
-    base = check_model_fields(model_dir)  # what transformers builds the model from, before it does
-    if group_size is not None:
-        _int4_group(base.hidden_size, base.intermediate_size, group_size)
-    if backend == "kt":
+    named, chosen = adapter_choice(list(o.adapters), use)
+    _check_seed_flag_values(named, o.lora_rank, o.lora_alpha)
+    base = check_model_fields(o.model_dir)  # what transformers builds the model from, before it does
+    if o.group_size is not None:
+        _int4_group(base.hidden_size, base.intermediate_size, o.group_size)
+    if o.backend == "kt":
         from .kt_backend import check_kt_shapes
 
-        check_kt_shapes(kt_method(method, from_files=kt_weight_path is not None), base.hidden_size, base.intermediate_size,
-                        kt_weight_path, base.moe_layers)
-    tokenizer = load_tokenizer(model_dir)
-    ids = _prompt_ids(prompt, prompt_ids, tokenizer, model_dir)
-    check_prompts(model_dir, [ids], sampling.max_new_tokens if sampling else 0, numbered=False)
-    masks = gpu_masks_for(base, device, gpu_experts, gpu_ratio, placement)
-    adapters = {name: load_adapter(path, base) for name, path in named.items()}
-    for name, adapter in adapters.items():
-        check_seed_flags(named[name], adapter.info, lora_rank, lora_alpha)
-    bar = loading_bar if progress else None
+        check_kt_shapes(kt_method(method, from_files=o.kt_weight_path is not None), base.hidden_size, base.intermediate_size,
+                        o.kt_weight_path, base.moe_layers)
+    tokenizer = load_tokenizer(o.model_dir)
+    ids = _prompt_ids(prompt, prompt_ids, tokenizer, o.model_dir)
+    check_prompts(o.model_dir, [ids], sampling.max_new_tokens if sampling else 0, numbered=False)
+    masks = gpu_masks_for(base, o.device, o.gpu_experts, o.gpu_ratio, o.placement)
+
+    def check(name: str, path: Path, adapter) -> None:
+        check_seed_flags(path, adapter.info, o.lora_rank, o.lora_alpha)
+
+    lm = load_placed(o.model_dir, base, method, o.dtype, named, masks, threads=o.threads, group_size=o.group_size,
+                     backend=o.backend, device=o.device, kt_weight_path=o.kt_weight_path,
+                     gpu_prefill_threshold=o.gpu_prefill_threshold, progress=loading_bar if progress else None, check=check)
+    return Setup(lm, method, ids, chosen, tokenizer)
+
+
+def load_placed(model_dir: Path, base, method: str, dtype: str, adapters: dict[str, Path], masks, *, threads: int | None,
+                group_size: int | None, backend: str, device: str, kt_weight_path: Path | None,
+                gpu_prefill_threshold: int | None, progress=None, check=None) -> LoadedModel:
+    """The adapters read (``check(name, path, adapter)`` on each), then the model loaded with the
+    experts placed by ``masks`` (gpu_masks_for) and GPU prefill at its threshold (gpu_prefill's
+    default where None): the loading that ``run`` and the serving engine share."""
+    from .formats import load_adapter
+    from .gpu_prefill import threshold_for
+    from .integration import load_model
+
+    loaded = {}
+    for name, path in adapters.items():
+        loaded[name] = load_adapter(path, base)
+        if check is not None:
+            check(name, path, loaded[name])
     cpu_experts = masks is None or not all(bool(m.all()) for m in masks.values())
     prefill = threshold_for(gpu_prefill_threshold, method, device, cpu_experts)
-    lm = load_model(model_dir, method, dtypes[dtype], adapters, threads=threads, group_size=group_size, progress=bar,
-                    backend=backend, device=device, gpu_masks=masks, kt_weight_path=kt_weight_path, gpu_prefill_threshold=prefill)
-    return Setup(lm, method, ids, chosen, tokenizer)
+    return load_model(model_dir, method, DTYPES[dtype], loaded, threads=threads, group_size=group_size, progress=progress,
+                      backend=backend, device=device, gpu_masks=masks, kt_weight_path=kt_weight_path, gpu_prefill_threshold=prefill)
 
 
 def adapter_choice(adapter_options: list[str], use: str | None) -> tuple[dict[str, Path], str | None]:

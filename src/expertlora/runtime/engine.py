@@ -404,22 +404,16 @@ def _default_kv_budget(device: torch.device) -> int:
 
 def _load(config: EngineConfig, progress: Callable | None):
     """The model on our experts, with the adapters of ``config``, and its tokenizer (or None)."""
-    from ..formats import load_adapter
-    from ..gpu_prefill import threshold_for
-    from ..integration import load_model
     from ..model_config import MoEConfig
     from ..quantize import resolve_method
-    from ..run import gpu_masks_for, load_tokenizer
+    from ..run import gpu_masks_for, load_placed, load_tokenizer
     from .adapters import check_name
 
-    method = resolve_method(config.method)
     base = MoEConfig.from_model_dir(config.model)
     masks = gpu_masks_for(base, config.device, config.gpu_experts, config.gpu_experts_ratio, config.placement)
-    adapters = {check_name(name): load_adapter(path, base) for name, path in config.adapters}
-    dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[config.dtype]
-    cpu_experts = masks is None or not all(bool(m.all()) for m in masks.values())
-    prefill = threshold_for(config.gpu_prefill_threshold, method, config.device, cpu_experts)
-    lm = load_model(config.model, method, dtype, adapters, threads=config.threads, group_size=config.group_size, progress=progress,
-                    backend=config.backend, device=config.device, gpu_masks=masks, kt_weight_path=config.kt_weight_path,
-                    gpu_prefill_threshold=prefill)
+    lm = load_placed(config.model, base, resolve_method(config.method), config.dtype,
+                     {check_name(name): path for name, path in config.adapters}, masks, threads=config.threads,
+                     group_size=config.group_size, backend=config.backend, device=config.device,
+                     kt_weight_path=config.kt_weight_path, gpu_prefill_threshold=config.gpu_prefill_threshold,
+                     progress=progress)
     return lm, load_tokenizer(config.model)
