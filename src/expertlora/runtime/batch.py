@@ -40,7 +40,7 @@ def build_batch(
     ids, positions, slots, adapters, rows, sampled, chunks = [], [], [], [], [], [], []
     for r in decodes:
         rows.append(len(ids))
-        ids.append(r.all_ids[-1])
+        ids.append(r.last_id)
         positions.append(r.num_computed)
         slots.append(r.cache_slot)
         adapters.append(adapter_slot(r.adapter))

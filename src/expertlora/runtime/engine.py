@@ -37,6 +37,7 @@ from .config import (
     GPU_KV_CACHE_FRACTION,
     EngineConfig,
 )
+from .detokenize import IncrementalText
 from .errors import EngineClosed, QueueFull, RequestError
 from .kv_cache import KVCache
 from .request import Request, RequestHandle, RequestOutput, SamplingParams
@@ -116,7 +117,7 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(request_id, adapter, tuple(ids), self)
         request = Request(request_id, ids, adapter, sampling, handle, frozenset() if sampling.ignore_eos else self.eos_ids,
-                          generator=new_generator(sampling))
+                          generator=new_generator(sampling), detokenizer=IncrementalText(self.tokenizer))
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is shutting down")
@@ -312,7 +313,7 @@ class Engine:
             reason = "stop"
         elif len(r.output_ids) >= s.max_tokens:
             reason = "length"
-        text = self._detokenize(r.output_ids)
+        text = r.detokenizer.update(r.output_ids, final=reason is not None)
         if s.stop:
             # search only where a stop string could end in the new text
             look_from = max(0, len(r.text) - max(map(len, s.stop)) + 1)
@@ -326,9 +327,6 @@ class Engine:
             self._finish(r, reason, new_ids=(token,), new_text=new_text)
         else:
             r.handle._push(self._output(r, (token,), new_text, None, None))
-
-    def _detokenize(self, ids: list[int]) -> str:
-        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _output(self, r: Request, new_ids, new_text: str, reason: str | None, error: str | None) -> RequestOutput:
         return RequestOutput(

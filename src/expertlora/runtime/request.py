@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import check_int
+from .detokenize import IncrementalText
 
 FINISH_REASONS = ("stop", "length", "abort")
 # Bounds on what a request may ask for: every loop and buffer a request sizes stays bounded.
@@ -203,13 +204,15 @@ class Request:
     num_computed: int = 0  # tokens whose K/V are in the cache
     cache_slot: int | None = None
     generator: torch.Generator | None = None
+    detokenizer: IncrementalText | None = None
     text: str = ""
     first_token_time: float | None = None
     finish_reason: str | None = None
 
     @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def last_id(self) -> int:
+        """The newest token: the next step's input once the prompt is in."""
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
 
     @property
     def prefilling(self) -> bool:
