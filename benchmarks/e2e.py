@@ -27,6 +27,7 @@ without it is the lever's end-to-end gain.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -55,6 +56,36 @@ def config(vocab: int, layers: int):
         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=vocab,
         norm_topk_prob=True, tie_word_embeddings=False,
     )
+
+
+def checkpoint(work: Path, vocab: int, layers: int) -> None:
+    """The random model (work/model, bf16, every tensor drawn) and its PEFT adapter (work/adapter:
+    LoRA r RANK on every MoE layer's experts and q_proj / o_proj, B drawn too), built unless work
+    already holds them for this vocabulary and layer count (so several benchmarks share one)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    made = work / "model" / "config.json"
+    if made.is_file() and (work / "adapter" / "adapter_config.json").is_file():
+        cfg = json.loads(made.read_text())
+        if (cfg.get("vocab_size"), cfg.get("num_hidden_layers")) == (vocab, layers):
+            return
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config(vocab, layers), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(work / "model")
+    targets = [f"model.layers.{L}.mlp.experts.{p}" for L in range(layers) for p in ("gate_up_proj", "down_proj")]
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "o_proj"], target_parameters=targets)
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    peft_model.save_pretrained(work / "adapter")
 
 
 def speeds(model, prompt: torch.Tensor, new_tokens: int, **kw) -> tuple[float, float]:
@@ -107,7 +138,7 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu, or cuda (then --gpu-shares)")
     p.add_argument("--gpu-shares", default="0,25,50,100", help="with --device cuda: percent of each layer's experts on the GPU")
-    p.add_argument("--workdir", default=None, help="where the random checkpoint goes (default: a temporary folder)")
+    p.add_argument("--workdir", default=None, help="keep the random checkpoint here, and reuse it when it is there (default: a temporary folder)")
     p.add_argument("--no-peers", dest="peers", action="store_false", help="skip the transformers and PEFT rows")
     p.add_argument("--gpu-prefill", action="store_true", help="with --device cuda: rows with GPU prefill on as well")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
@@ -116,38 +147,25 @@ def main():
     warnings.simplefilter("ignore")
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with tempfile.TemporaryDirectory(prefix="expertlora-e2e-", dir=args.workdir) as tmp:
-        work = Path(tmp)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config(args.vocab, args.layers), dtype=torch.bfloat16).eval()
-        with torch.no_grad():
-            for p_ in model.parameters():
-                p_.normal_(0, 0.02)
-        model.save_pretrained(work / "model")
+    with contextlib.ExitStack() as stack:
+        work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="expertlora-e2e-")))
+        checkpoint(work, args.vocab, args.layers)
         prompt = torch.randint(0, args.vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
         prompt = prompt.to(args.device)
-        model.to(args.device)
         where = "" if args.device == "cpu" else f" ({args.device})"
         rows = []
         if args.peers:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16).eval().to(args.device)
             rows.append((f"transformers 5 base{where}", "bf16", *speeds(model, prompt, args.new_tokens)))
             print(rows[-1], flush=True)
-        targets = [f"model.layers.{L}.mlp.experts.{p}" for L in range(args.layers) for p in ("gate_up_proj", "down_proj")]
-        lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "o_proj"], target_parameters=targets)
-        peft_model = get_peft_model(model, lora).eval()
-        with torch.no_grad():
-            for name, p_ in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p_.normal_(0, 0.02)
-        peft_model.save_pretrained(work / "adapter")
-        peft_steps = args.peft_new_tokens if args.device == "cpu" else args.new_tokens
-        if args.peers:
+            peft_model = PeftModel.from_pretrained(model, work / "adapter").eval()
+            peft_steps = args.peft_new_tokens if args.device == "cpu" else args.new_tokens
             rows.append((f"transformers 5 + PEFT{where}", "bf16", *speeds(peft_model, prompt, peft_steps)))
             print(rows[-1], flush=True)
-        del model, peft_model
+            del model, peft_model
         base = MoEConfig.from_model_dir(work / "model")
         adapter = load_adapter(work / "adapter", base)
         if args.device == "cpu":

@@ -10,6 +10,9 @@
 # It uses the device's own torch and runs the package from src/. Results go to $OUT.
 source "$(dirname "$0")/device_env.sh"
 METHODS="${METHODS:-bf16,int8,int4}"
+# the random 4-layer checkpoint of benchmarks/e2e.py, built once and shared with scripts/device_engine.sh speed
+BENCH_DIR="${BENCH_DIR:-/tmp/expertlora-bench}"
+mkdir -p "$BENCH_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 lscpu | grep -E "Model name|^CPU\(s\)|L3" | tee -a "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
@@ -18,7 +21,7 @@ for part in "${@:-tests}"; do
   case "$part" in
     tests) python3 -m pytest -q -p no:cacheprovider -rfs tests/test_gpu_prefill.py 2>&1 | tail -40 | tee "$OUT/prefill_tests.txt" ;;
     e2e) python3 benchmarks/e2e.py --device cuda --gpu-shares 0 --methods "$METHODS" --prompt-tokens "${PROMPT:-2048}" \
-           --new-tokens 4 --gpu-prefill --no-peers --out "$OUT/e2e_prefill.md" 2>&1 | tail -12 | tee "$OUT/e2e_prefill.log" ;;
+           --new-tokens 4 --gpu-prefill --no-peers --workdir "$BENCH_DIR" --out "$OUT/e2e_prefill.md" 2>&1 | tail -12 | tee "$OUT/e2e_prefill.log" ;;
     bench) python3 benchmarks/gpu_prefill.py --methods "$METHODS" --out "$OUT/gpu_prefill.md" 2>&1 | grep -v "^|" | tee "$OUT/gpu_prefill.log" ;;
     *) echo "usage: $0 [tests] [bench] [e2e]" >&2; exit 2 ;;
   esac

@@ -14,6 +14,7 @@ at this host's measured read bandwidth.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -23,28 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from e2e import ALPHA, RANK, config  # noqa: E402
+from e2e import RANK, checkpoint  # noqa: E402
 
 from expertlora.runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
-
-
-def build(work: Path, vocab: int, layers: int) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config(vocab, layers), dtype=torch.bfloat16).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.save_pretrained(work / "model")
-    targets = [f"model.layers.{L}.mlp.experts.{p}" for L in range(layers) for p in ("gate_up_proj", "down_proj")]
-    peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "o_proj"], target_parameters=targets))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    peft_model.save_pretrained(work / "adapter")
 
 
 class CpuExpertClock:
@@ -107,6 +89,8 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--workdir", default=None, help="keep the random checkpoint here, and reuse it when it is there (benchmarks/e2e.py "
+                   "shares it; default: a temporary folder)")
     p.add_argument("--polls", default="0,0", help="graph runs: how long the host nodes' waits poll before blocking, "
                    "'ready,done' microseconds (host_nodes.set_spin); several separated by ';'")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try the script (no graphs there)")
@@ -120,9 +104,9 @@ def main():
     polls = [tuple(map(int, poll.split(","))) for poll in args.polls.split(";")]
     shares, levels = [int(s) for s in args.shares.split(",")], [int(n) for n in args.concurrency.split(",")]
     rows = {}  # (share, mode, concurrency) -> (tokens/s, step ms, CPU engine ms/step, CPU experts/layer, MB/step)
-    with tempfile.TemporaryDirectory(prefix="expertlora-engine-") as tmp:
-        work = Path(tmp)
-        build(work, args.vocab, args.layers)
+    with contextlib.ExitStack() as stack:
+        work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="expertlora-engine-")))
+        checkpoint(work, args.vocab, args.layers)
         for share in shares:
             for graphs in (False, True):
                 cfg = EngineConfig(work / "model", method="bf16", adapters={"lora": work / "adapter"}, device=args.device,
