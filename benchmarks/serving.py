@@ -233,33 +233,36 @@ def _brief(row: dict) -> str:
 
 
 class ExpertCounter:
-    """Distinct routed experts of each MoE call (one per layer per engine step), from the
-    router's choice: a proxy in front of the MoE engine on each experts module's binding."""
+    """Every call of the CPU engine (``MoELoRAEngine.forward``: a HybridMoE's CPU side, or the
+    engine itself), from whichever thread makes it (an eager step, or a replayed CUDA graph's
+    worker): ``calls`` holds (start, end, tokens, distinct experts of its routing)."""
 
     def __init__(self, lm):
-        self.calls: list[tuple[int, int, float]] = []  # (tokens, distinct experts, seconds in the MoE engine)
-        self.layers = list(lm.checkpoint.config.moe_layers)
-        self.expert_bytes = lm.engine.layers[self.layers[0]].expert_nbytes()
-        for L in self.layers:
-            binding = lm.model.get_submodule(f"model.layers.{L}.mlp.experts").expertlora
-            binding.engine = _Counting(binding.engine, self.calls)
+        moe = lm.engine
+        self.cpu = getattr(moe, "cpu", moe)
+        self.calls: list[tuple[float, float, int, int]] = []
+        self.layers = list(self.cpu.layers)
+        self.expert_bytes = next(iter(self.cpu.layers.values())).expert_nbytes()
+        inner = self.cpu.forward
 
+        def counted(layer, x, ids, weights, slots=None):
+            t0 = time.perf_counter()
+            y = inner(layer, x, ids, weights, slots)
+            distinct = int(ids[(ids >= 0) & (ids < self.cpu.slots.shape[0])].unique().numel())
+            self.calls.append((t0, time.perf_counter(), ids.shape[0], distinct))
+            return y
 
-class _Counting:
-    def __init__(self, inner, calls: list):
-        self.inner, self.calls = inner, calls
+        self.cpu.forward = counted
 
-    def __getattr__(self, name):  # everything but forward is the engine's own
-        return getattr(self.inner, name)
-
-    def forward(self, layer, x, ids, weights, slots):
-        if ids.is_cuda and torch.cuda.is_current_stream_capturing():  # a step captured as a CUDA graph: not counted
-            return self.inner.forward(layer, x, ids, weights, slots)
-        distinct = int(ids.unique().numel())
-        t0 = time.perf_counter()
-        y = self.inner.forward(layer, x, ids, weights, slots)  # synchronous: every expert is on the CPU
-        self.calls.append((ids.shape[0], distinct, time.perf_counter() - t0))
-        return y
+    def per_step(self, start: float, end: float) -> tuple[float, float, float]:
+        """(CPU engine ms per step, distinct experts per layer call, expert MB per step) over the
+        calls that began in [start, end]."""
+        inside = [c for c in self.calls if start <= c[0] <= end]
+        if not inside:
+            return float("nan"), float("nan"), float("nan")
+        steps = len(inside) / len(self.layers)
+        distinct = sum(c[3] for c in inside) / len(inside)
+        return 1e3 * sum(b - a for a, b, *_ in inside) / steps, distinct, distinct * len(self.layers) * self.expert_bytes / 1e6
 
 
 def run_engine(engine, run: str, reqs: list[Req], concurrency=None, arrivals=None, counter: ExpertCounter | None = None,
@@ -295,7 +298,7 @@ def run_engine(engine, run: str, reqs: list[Req], concurrency=None, arrivals=Non
 
 
 def _routing(counter: ExpertCounter, c: int) -> dict:
-    calls = counter.calls
+    calls = [(tokens, distinct, end - start) for start, end, tokens, distinct in counter.calls]
     decode = [call for call in calls if call[0] <= c]  # a step of decodes alone has at most c tokens
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return dict(calls=len(calls), decode_calls=len(decode), decode_tokens=mean([t for t, _, _ in decode]),

@@ -25,45 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from e2e import RANK, checkpoint  # noqa: E402
+from serving import ExpertCounter  # noqa: E402
 
 from expertlora.runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 
-class CpuExpertClock:
-    """Times each call of the CPU engine (``MoELoRAEngine.forward``) and counts the distinct
-    experts it runs: (start, end, distinct) per call, appended from whichever thread calls it."""
-
-    def __init__(self, engine: Engine):
-        self.calls: list[tuple[float, float, int]] = []
-        moe = engine.lm.engine
-        self.cpu = getattr(moe, "cpu", moe)  # a HybridMoE's CPU engine, or the CPU engine itself
-        self.layers = len(self.cpu.layers)
-        self.expert_bytes = next(iter(self.cpu.layers.values())).expert_nbytes()
-        inner = self.cpu.forward
-
-        def timed(layer, x, ids, weights, slots=None):
-            t0 = time.perf_counter()
-            y = inner(layer, x, ids, weights, slots)
-            E = self.cpu.slots.shape[0]
-            distinct = int(ids[(ids >= 0) & (ids < E)].unique().numel())
-            self.calls.append((t0, time.perf_counter(), distinct))
-            return y
-
-        self.cpu.forward = timed
-
-    def per_step(self, start: float, end: float) -> tuple[float, float, float]:
-        """(CPU engine ms per step, distinct experts per layer call, expert MB per step) over the
-        calls that began in [start, end]."""
-        inside = [c for c in self.calls if start <= c[0] <= end]
-        if not inside:
-            return float("nan"), float("nan"), float("nan")
-        steps = len(inside) / self.layers
-        distinct = sum(c[2] for c in inside) / len(inside)
-        return 1e3 * sum(b - a for a, b, _ in inside) / steps, distinct, distinct * self.layers * self.expert_bytes / 1e6
-
-
 def decode_rate(engine: Engine, n: int, prompt_len: int, new_tokens: int, vocab: int,
-                clock: CpuExpertClock | None = None) -> tuple[float, float, tuple]:
+                clock: ExpertCounter | None = None) -> tuple[float, float, tuple]:
     """(output tokens/s over the decode window, step ms, the clock's per-step figures)."""
     g = torch.Generator().manual_seed(n)
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(n)]
@@ -115,7 +83,7 @@ def main():
                 t0 = time.perf_counter()
                 with Engine(cfg) as engine:
                     load_s = time.perf_counter() - t0
-                    clock = CpuExpertClock(engine)
+                    clock = ExpertCounter(engine.lm)
                     replayed = graphs and engine.runner.graphs
                     for poll in polls if replayed else [None]:
                         if poll is not None:
