@@ -179,6 +179,7 @@ def load_setup(
 
     ``sampling``, when given, is checked against the model too: its prompt and new tokens must
     fit the model's context (max_position_embeddings)."""
+    from .formats import load_adapter
     from .integration import _int4_group
     from .model_config import check_model_fields
     from .quantize import resolve_method
@@ -214,34 +215,27 @@ def load_setup(
     ids = _prompt_ids(prompt, prompt_ids, tokenizer, o.model_dir)
     check_prompts(o.model_dir, [ids], sampling.max_new_tokens if sampling else 0, numbered=False)
     masks = gpu_masks_for(base, o.device, o.gpu_experts, o.gpu_ratio, o.placement)
-
-    def check(name: str, path: Path, adapter) -> None:
-        check_seed_flags(path, adapter.info, o.lora_rank, o.lora_alpha)
-
-    lm = load_placed(o.model_dir, base, method, o.dtype, named, masks, threads=o.threads, group_size=o.group_size,
+    adapters = {name: load_adapter(path, base) for name, path in named.items()}
+    for name, adapter in adapters.items():
+        check_seed_flags(named[name], adapter.info, o.lora_rank, o.lora_alpha)
+    lm = load_placed(o.model_dir, method, o.dtype, adapters, masks, threads=o.threads, group_size=o.group_size,
                      backend=o.backend, device=o.device, kt_weight_path=o.kt_weight_path,
-                     gpu_prefill_threshold=o.gpu_prefill_threshold, progress=loading_bar if progress else None, check=check)
+                     gpu_prefill_threshold=o.gpu_prefill_threshold, progress=loading_bar if progress else None)
     return Setup(lm, method, ids, chosen, tokenizer)
 
 
-def load_placed(model_dir: Path, base, method: str, dtype: str, adapters: dict[str, Path], masks, *, threads: int | None,
+def load_placed(model_dir: Path, method: str, dtype: str, adapters: dict, masks, *, threads: int | None,
                 group_size: int | None, backend: str, device: str, kt_weight_path: Path | None,
-                gpu_prefill_threshold: int | None, progress=None, check=None) -> LoadedModel:
-    """The adapters read (``check(name, path, adapter)`` on each), then the model loaded with the
-    experts placed by ``masks`` (gpu_masks_for) and GPU prefill at its threshold (gpu_prefill's
-    default where None): the loading that ``run`` and the serving engine share."""
-    from .formats import load_adapter
+                gpu_prefill_threshold: int | None, progress=None) -> LoadedModel:
+    """The model loaded with ``adapters`` (name -> ExpertLoRA), its experts placed by ``masks``
+    (gpu_masks_for) and GPU prefill at its threshold (gpu_prefill's default where None): the
+    loading that ``run`` and the serving engine share."""
     from .gpu_prefill import threshold_for
     from .integration import load_model
 
-    loaded = {}
-    for name, path in adapters.items():
-        loaded[name] = load_adapter(path, base)
-        if check is not None:
-            check(name, path, loaded[name])
     cpu_experts = masks is None or not all(bool(m.all()) for m in masks.values())
     prefill = threshold_for(gpu_prefill_threshold, method, device, cpu_experts)
-    return load_model(model_dir, method, DTYPES[dtype], loaded, threads=threads, group_size=group_size, progress=progress,
+    return load_model(model_dir, method, DTYPES[dtype], adapters, threads=threads, group_size=group_size, progress=progress,
                       backend=backend, device=device, gpu_masks=masks, kt_weight_path=kt_weight_path, gpu_prefill_threshold=prefill)
 
 

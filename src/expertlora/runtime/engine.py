@@ -423,6 +423,7 @@ def _default_kv_budget(device: torch.device) -> int:
 
 def _load(config: EngineConfig, progress: Callable | None):
     """The model on our experts, with the adapters of ``config``, and its tokenizer (or None)."""
+    from ..formats import load_adapter
     from ..model_config import MoEConfig
     from ..quantize import resolve_method
     from ..run import gpu_masks_for, load_placed, load_tokenizer
@@ -430,8 +431,8 @@ def _load(config: EngineConfig, progress: Callable | None):
 
     base = MoEConfig.from_model_dir(config.model)
     masks = gpu_masks_for(base, config.device, config.gpu_experts, config.gpu_experts_ratio, config.placement)
-    lm = load_placed(config.model, base, resolve_method(config.method), config.dtype,
-                     {check_name(name): path for name, path in config.adapters}, masks, threads=config.threads,
+    adapters = {check_name(name): load_adapter(path, base) for name, path in config.adapters}
+    lm = load_placed(config.model, resolve_method(config.method), config.dtype, adapters, masks, threads=config.threads,
                      group_size=config.group_size, backend=config.backend, device=config.device,
                      kt_weight_path=config.kt_weight_path, gpu_prefill_threshold=config.gpu_prefill_threshold,
                      progress=progress)
