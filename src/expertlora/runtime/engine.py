@@ -76,11 +76,10 @@ class Engine:
 
     def _run(self, progress: Callable | None, ready: Future) -> None:
         """The engine thread: it loads the model, then steps it. One thread does both because each
-        thread that runs parallel CPU work gets an OpenMP thread pool of its own, and once the
-        process's pools hold more threads than it has cores, every pool stops spinning between
-        parallel regions: each small op then waits for its threads to wake (on the dev box a
-        decode attention call took 140 us from the engine thread against 18 us, and the engine's
-        steps were 5x slower, when the model had been loaded on another thread)."""
+        thread that runs parallel CPU work gets an OpenMP thread pool of its own, and a parallel
+        region entered from a second such thread waited for its pool's threads to wake: with the
+        model loaded on another thread, a decode attention call took 143 us here against 18 us on
+        the dev box, and the engine's steps were 5x slower (BENCHMARKS.md, OpenMP thread pools)."""
         try:
             self._setup(progress)
         except BaseException as e:  # noqa: BLE001 - handed to the constructor's caller
