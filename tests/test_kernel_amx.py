@@ -166,9 +166,10 @@ def test_amx_from_environment(monkeypatch):
     assert kernels.amx_from() == 8
     monkeypatch.delenv("EXPERTLORA_AMX")
     assert kernels.amx_from() == kernels.AMX_TOKENS_PER_EXPERT
-    monkeypatch.setenv("EXPERTLORA_AMX", "many")
-    with pytest.raises(ValueError, match="EXPERTLORA_AMX"):
-        kernels.amx_from()
+    for bad in ("many", "-1", "nan", "1e3", "²", "9" * 5000):
+        monkeypatch.setenv("EXPERTLORA_AMX", bad)
+        with pytest.raises(ValueError, match="EXPERTLORA_AMX: expected a token count"):
+            kernels.amx_from()
     monkeypatch.setattr(kernels, "has_amx", lambda: False)
     monkeypatch.setenv("EXPERTLORA_AMX", "8")
     assert kernels.amx_from() == 0

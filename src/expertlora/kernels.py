@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import warnings
 from pathlib import Path
 
@@ -50,8 +51,8 @@ def amx_from() -> int:
     AMX-BF16, 0 (off) elsewhere; EXPERTLORA_AMX=0 turns it off, EXPERTLORA_AMX=N sets N."""
     env = os.environ.get("EXPERTLORA_AMX", "").strip()
     if env:
-        if not env.isdigit():
-            raise ValueError(f"EXPERTLORA_AMX: expected a token count (0 turns AMX off), found {env!r}")
+        if not re.fullmatch(r"[0-9]{1,7}", env):  # ASCII digits, bounded before int() reads them
+            raise ValueError(f"EXPERTLORA_AMX: expected a token count of at most 7 digits (0 turns AMX off), found {env[:40]!r}")
         return int(env) if has_amx() else 0
     return AMX_TOKENS_PER_EXPERT if has_amx() else 0
 
