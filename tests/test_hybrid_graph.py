@@ -84,14 +84,16 @@ def _fake_stream(calls, log):
     return threading.Thread(target=run)
 
 
-def test_worker_runs_each_call_in_capture_order():
-    seen = []
+@pytest.mark.parametrize("on_launcher", [True, False], ids=["launcher", "worker"])
+def test_calls_run_in_capture_order(on_launcher):
+    seen, threads = [], set()
 
     def cpu_part(call):
         seen.append(call.layer)
+        threads.add(threading.get_ident())
         return call.x * call.weights.sum(1, keepdim=True) + call.layer
 
-    part = GraphCpuPart(cpu_part)
+    part = GraphCpuPart(cpu_part, on_launcher)
     for step in range(3):  # the same captured calls, replayed again and again
         calls, log = _calls(4), []
         stream = _fake_stream(calls, log)
@@ -100,37 +102,65 @@ def test_worker_runs_each_call_in_capture_order():
         for c, (_, out) in zip(calls, log):
             assert torch.equal(out, c.x * c.weights.sum(1, keepdim=True) + c.layer)
     assert seen == [0, 1, 2, 3] * 3
+    assert (threads == {threading.get_ident()}) == on_launcher  # served by the replaying thread, or by one worker
+    assert len(threads) == 1
 
 
-def test_failure_in_the_cpu_part_is_raised_and_the_stream_finishes():
+@pytest.mark.parametrize("on_launcher", [True, False], ids=["launcher", "worker"])
+def test_failure_in_the_cpu_part_is_raised_and_the_stream_finishes(on_launcher):
     def cpu_part(call):
         if call.layer == 1:
             raise ValueError("kernel says no")
         return call.x
 
-    part = GraphCpuPart(cpu_part)
+    part = GraphCpuPart(cpu_part, on_launcher)
     calls, log = _calls(3), []
     stream = _fake_stream(calls, log)
     with pytest.raises(RuntimeError, match="kernel says no"):
         part.run_replay(calls, stream.start, lambda: stream.join(10))
     assert not stream.is_alive() and [layer for layer, _ in log] == [0, 1, 2]
-    # the worker is still there for the next replay
+    # the part still serves the next replay
     calls, log = _calls(1), []
     stream = _fake_stream(calls, log)
     part.run_replay(calls, stream.start, lambda: stream.join(10))
     assert torch.equal(log[0][1], calls[0].x)
 
 
+@pytest.mark.parametrize("on_launcher", [True, False], ids=["launcher", "worker"])
+def test_inputs_that_never_arrive_are_an_error(on_launcher, monkeypatch):
+    """A launch that never reaches the host nodes: the replay fails after the timeout, no hang."""
+    monkeypatch.setattr("expertlora.hybrid_graph.READY_TIMEOUT_S", 0.05)
+    part = GraphCpuPart(lambda call: call.x, on_launcher)
+    with pytest.raises(RuntimeError, match="layer 0: its inputs never arrived"):
+        part.run_replay(_calls(2), lambda: None, lambda: None)
+
+
+def test_who_serves_host_calls_is_chosen_by_the_environment(monkeypatch):
+    from expertlora import hybrid_graph
+
+    for value, driver, on_launcher in (("", 13000, False), ("worker", 13000, False), ("launcher", 13000, True),
+                                       (" launcher ", 11040, True), ("launcher", 11030, False), ("launcher", None, False)):
+        monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", value)
+        monkeypatch.setattr(hybrid_graph, "driver_version", lambda: driver)
+        assert hybrid_graph.host_calls_on_launcher() is on_launcher, (value, driver)
+    for bad in ("Launcher", "both", "x" * 5000):
+        monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", bad)
+        with pytest.raises(ValueError, match="EXPERTLORA_GRAPH_HOST_CALLS: expected worker or launcher") as e:
+            hybrid_graph.host_calls_on_launcher()
+        assert len(str(e.value)) < 120
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @cuda
-def test_host_nodes_in_a_replayed_graph():
-    """The mechanism alone: a graph copies its input to the host, a worker computes on it between
+@pytest.mark.parametrize("on_launcher", [True, False], ids=["launcher", "worker"])
+def test_host_nodes_in_a_replayed_graph(on_launcher):
+    """The mechanism alone: a graph copies its input to the host, the host computes on it between
     the two host nodes, the graph adds the result back; five replays with fresh inputs."""
     x = torch.zeros(4, 8, device="cuda")
     x_h, out_h = torch.empty(4, 8, pin_memory=True), torch.empty(4, 8, pin_memory=True)
-    part = GraphCpuPart(lambda call: call.x * 3 + call.layer)
+    part = GraphCpuPart(lambda call: call.x * 3 + call.layer, on_launcher)
     ready, done = Semaphore(), Semaphore()
     call = HostCall(7, x_h, x_h, x_h, None, out_h, ready, done)
     from expertlora.host_nodes import launch_host

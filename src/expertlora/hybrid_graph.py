@@ -9,10 +9,19 @@ While a step is captured, each MoE layer's CPU part becomes, in the stream's ord
     host node: wait for ``done``     <- the worker posts it with the result in a pinned buffer
     copy the result to the GPU and add it
 
-Each captured layer call is a HostCall. ``replay(calls, graph)`` hands a graph's calls to the
-worker, then replays it: the worker waits for each call's ``ready``, runs it, posts ``done``, in
-the order they were captured. A failure in the CPU part still posts ``done`` (the stream never
-hangs) and is raised in the caller once the step is over.
+Each captured layer call is a HostCall. ``replay(calls, graph)`` launches the graph while a
+worker thread serves its calls: it waits for each call's ``ready``, runs it, posts ``done``, in the
+order they were captured. A failure in the CPU part still posts ``done`` (the stream never hangs)
+and is raised in the caller once the step is over.
+
+With EXPERTLORA_GRAPH_HOST_CALLS=launcher the replaying thread serves the calls itself, between
+the launch and its wait for the stream: no hand-off between threads, and no second OpenMP pool
+(every thread that runs parallel work gets one; BENCHMARKS.md, OpenMP thread pools). It is not
+the default until measured on a GPU host: on the dev box, with a thread standing in for the stream,
+it saved 0.09 ms a layer call with one CPU thread and cost 0.5 ms a call with the OpenMP team on
+every core, whose spinning kept the stream's thread off the CPU (benchmarks/graph_host_calls.py).
+It needs a replay that returns at once: torch synchronises the device in ``replay()`` below CUDA
+driver 11.4, which would wait for a host call nobody serves; there the worker serves them.
 
 The pinned buffers are allocated in ``prepare`` mode, by the eager warm-up steps that come before
 a capture (allocating while capturing is not allowed), one set per (layer, batch shape).
@@ -20,6 +29,7 @@ a capture (allocating while capturing is not allowed), one set per (layer, batch
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -27,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .host_nodes import Semaphore, launch_host, set_spin
+from .host_nodes import Semaphore, driver_version, launch_host, set_spin
 
 # How long the worker waits for a call's inputs before it reports the replay as lost.
 READY_TIMEOUT_S = 60.0
@@ -53,17 +63,20 @@ class HostCall:
 class GraphCpuPart:
     """Captured CPU parts and the worker thread that runs them when their graph replays."""
 
-    def __init__(self, run: Callable[[HostCall], torch.Tensor]):
-        """``run(call)``: the CPU engine on a call's buffers, giving its [T, H] result."""
+    def __init__(self, run: Callable[[HostCall], torch.Tensor], on_launcher: bool | None = None):
+        """``run(call)``: the CPU engine on a call's buffers, giving its [T, H] result.
+        ``on_launcher``: the replaying thread serves the calls (True) or a worker thread does
+        (False); None: EXPERTLORA_GRAPH_HOST_CALLS (``host_calls_on_launcher``)."""
         self._run = run
         set_spin(POLL_READY_US, 0)
         self._buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.preparing = False  # set around the eager steps before a capture: they allocate the buffers
         self.captured: list[HostCall] = []  # the calls of the capture in progress
-        self._todo: queue.SimpleQueue = queue.SimpleQueue()
-        self._results: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name="expertlora-graph-cpu-experts", daemon=True)
-        self._thread.start()
+        self.on_launcher = host_calls_on_launcher() if on_launcher is None else on_launcher
+        if not self.on_launcher:
+            self._todo: queue.SimpleQueue = queue.SimpleQueue()
+            self._results: queue.SimpleQueue = queue.SimpleQueue()
+            threading.Thread(target=self._work, name="expertlora-graph-cpu-experts", daemon=True).start()
 
     def prepare(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Allocate the pinned buffers a capture of this call will use (eager, before capture)."""
@@ -104,38 +117,57 @@ class GraphCpuPart:
         return calls
 
     def replay(self, calls: list[HostCall], graph: torch.cuda.CUDAGraph) -> None:
-        """Replay ``graph`` with the worker running ``calls``; returns when the step is done
-        (the stream synchronised); raises what the CPU part raised."""
-        # synchronize() releases the GIL while it waits: the worker runs Python too
+        """Replay ``graph``, running its ``calls``; returns when the step is done (the stream
+        synchronised); raises what the CPU part raised."""
+        # synchronize() releases the GIL while it waits: a worker runs Python too
         self.run_replay(calls, graph.replay, torch.cuda.current_stream().synchronize)
 
     def run_replay(self, calls: list[HostCall], start: Callable[[], None], finish: Callable[[], None]) -> None:
-        """``start()`` launches the work that reaches each call's host nodes in order, ``finish()``
-        waits for it to end."""
+        """``start()`` launches the work that reaches each call's host nodes in order, without
+        waiting for it; ``finish()`` waits for it to end."""
         if not calls:
             start()
             finish()
             return
-        self._todo.put(calls)
-        start()
-        finish()
-        error = self._results.get()
+        if self.on_launcher:
+            start()
+            error = self._serve(calls)
+            finish()
+        else:
+            self._todo.put(calls)
+            start()
+            finish()
+            error = self._results.get()
         if error is not None:
             raise RuntimeError(f"the CPU experts failed in a replayed step: {error}") from error
 
+    def _serve(self, calls: list[HostCall]) -> Exception | None:
+        """Each call in order: wait for its inputs, run it, post done; the first failure."""
+        error = None
+        for call in calls:
+            if not call.ready.wait(READY_TIMEOUT_S):
+                error = error or TimeoutError(f"layer {call.layer}: its inputs never arrived")
+                break  # the graph is not running: posting done now would release a later replay too early
+            try:
+                if error is None:
+                    call.out.copy_(self._run(call))
+            except Exception as e:  # reported to the caller; the stream must go on
+                error = e
+            finally:
+                call.done.post()
+        return error
+
     def _work(self) -> None:
         while True:
-            calls = self._todo.get()
-            error = None
-            for call in calls:
-                if not call.ready.wait(READY_TIMEOUT_S):
-                    error = error or TimeoutError(f"layer {call.layer}: its inputs never arrived")
-                    break  # the graph is not running: posting done now would release a later replay too early
-                try:
-                    if error is None:
-                        call.out.copy_(self._run(call))
-                except Exception as e:  # reported to the caller; the stream must go on
-                    error = e
-                finally:
-                    call.done.post()
-            self._results.put(error)
+            self._results.put(self._serve(self._todo.get()))
+
+
+def host_calls_on_launcher() -> bool:
+    """EXPERTLORA_GRAPH_HOST_CALLS: "worker" (the default) or "launcher", which holds only where
+    ``CUDAGraph.replay()`` returns without waiting for the device: torch synchronises the device
+    after the launch where the CUDA driver is older than 11.4."""
+    env = os.environ.get("EXPERTLORA_GRAPH_HOST_CALLS", "").strip() or "worker"
+    if env not in ("worker", "launcher"):
+        raise ValueError(f"EXPERTLORA_GRAPH_HOST_CALLS: expected worker or launcher, found {env[:40]!r}")
+    version = driver_version()
+    return env == "launcher" and version is not None and version >= 11040
