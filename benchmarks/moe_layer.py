@@ -14,7 +14,9 @@ its AMXINT4_SFT beside our int4 (fed our int4 weights dequantized to bf16, which
 again in its own layout). The engine's variants take turns call by call: with LoRA at its default
 AMX threshold, without LoRA, four adapters mixed, and (where the CPU has AMX) AVX-512 only, AMX
 for every expert with a token, and bf16 A tiles loaded from a copy of the task's rows rather
-than straight from the weights (EXPERTLORA_AMX_COPY). The read and copy bandwidth of this
+than straight from the weights (EXPERTLORA_AMX_COPY); for bf16 batches that the engine sends to
+oneDNN (``engine.ONEDNN_TOKENS_PER_EXPERT`` tokens per expert and more), the compiled kernel
+instead. The read and copy bandwidth of this
 machine are measured first.
 """
 
@@ -147,9 +149,11 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
         engine = MoELoRAEngine(layers, threads=args.threads)
         avx = MoELoRAEngine(layers, threads=args.threads)  # AVX-512 only
         every = MoELoRAEngine(layers, threads=args.threads)  # AMX for every expert with a token
+        # the compiled kernel at every size: bf16 batches of ONEDNN_TOKENS_PER_EXPERT and more go to oneDNN otherwise
+        kernel_only = MoELoRAEngine(layers, threads=args.threads, onednn_from=math.inf)
         avx.amx_from, every.amx_from = 0, 1
         amx_variants = has_amx() and engine.amx_from > 0 and method != "fp32"
-        for e in (avx, every) if amx_variants else ():
+        for e in (avx, every, kernel_only) if amx_variants else ():
             for i, a in enumerate(shared):
                 e.load_adapter(f"a{i}", a)
         fallback = MoELoRAEngine(layers, threads=args.threads, kernel="torch")
@@ -160,7 +164,7 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
         plans = {}
         for T in tokens:
             calls = args.calls if T < 512 else max(3, args.calls // 4)
-            rts = routings(T, E, k, 6 * (calls + max(args.warmup, n_layers)), seed=T)  # 6 variants at most
+            rts = routings(T, E, k, 7 * (calls + max(args.warmup, n_layers)), seed=T)  # 7 variants at most
             xs = [torch.randn(T, H, dtype=dtype) for _ in range(4)]
             one = torch.zeros(T, dtype=torch.long)
             mixed = torch.arange(T, dtype=torch.long) % 4
@@ -182,6 +186,8 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
                 variants |= {"avx": call(avx, one), "every": call(every, one)}
                 if method == "bf16":
                     variants["copy"] = call(engine, one, {"EXPERTLORA_AMX_COPY": "1"})
+                    if engine.onednn_from is not None and T * k / E >= engine.onednn_from:
+                        variants["kernel"] = call(kernel_only, one)
             ms = interleaved_ms(variants, calls, max(args.warmup, n_layers))
             lora_ms, base_ms, mixed_ms = ms["lora"], ms["base"], ms["mixed"]
             slow_calls = max(2, calls // 4) if T >= 32 or name == "mixtral-8x7b" else calls
@@ -191,11 +197,11 @@ def run_shape(name: str, methods: list[str], tokens: list[int], args, read_gbs: 
             rows.append(dict(
                 shape=name, method=method, tokens=T, lora_ms=lora_ms, base_ms=base_ms, mixed_ms=mixed_ms,
                 torch_ms=torch_ms, kt_ms=float("nan"), avx_ms=ms.get("avx", nan), every_ms=ms.get("every", nan),
-                copy_ms=ms.get("copy", nan), gbs=moved / lora_ms / 1e6, read_pct=100 * moved / lora_ms / 1e6 / read_gbs,
+                copy_ms=ms.get("copy", nan), kernel_ms=ms.get("kernel", nan), gbs=moved / lora_ms / 1e6, read_pct=100 * moved / lora_ms / 1e6 / read_gbs,
                 gflops=2 * pairs * 3 * H * I / lora_ms / 1e6,
             ))
             print(_line(rows[-1]), flush=True)
-        del bare, engine, fallback, avx, every
+        del bare, engine, fallback, avx, every, kernel_only
         # kt-kernel afterwards, alone: its worker threads poll, and would slow ours if interleaved.
         kt_method = KT_METHODS.get(method)
         kts = kt_wrappers(layers, adapters[0].layers[0], k, args.kt_threads, max(tokens), kt_method) if args.kt and kt_method else None
@@ -271,21 +277,21 @@ def _line(r: dict) -> str:
         f"{r['shape']:17s} {r['method']:5s} T={r['tokens']:4d}  LoRA {r['lora_ms']:8.2f} ms  base {r['base_ms']:8.2f} ms  "
         f"x{r['lora_ms'] / r['base_ms']:.2f}  mixed4 x{r['mixed_ms'] / r['lora_ms']:.2f}  torch-path {r['torch_ms']:8.2f} ms  "
         f"kt {r['kt_ms']:8.2f} ms  AVX-512 only {r['avx_ms']:8.2f} ms  AMX every expert {r['every_ms']:8.2f} ms  "
-        f"bf16 rows copied {r['copy_ms']:8.2f} ms  "
+        f"bf16 rows copied {r['copy_ms']:8.2f} ms  kernel, not oneDNN {r['kernel_ms']:8.2f} ms  "
         f"{r['gbs']:6.1f} GB/s ({r['read_pct']:.0f}% read)  {r['gflops']:7.1f} GFLOP/s"
     )
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    out = [header, "", "| shape | method | tokens | ours + LoRA ms | ours no LoRA ms | LoRA / no LoRA | 4 adapters mixed / 1 | GB/s (% of read) | GFLOP/s | PyTorch path ms | PEFT bf16 ms | PEFT / ours | kt-kernel + LoRA ms | ours / kt | AVX-512 only ms | AMX every expert ms | bf16 rows copied ms |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [header, "", "| shape | method | tokens | ours + LoRA ms | ours no LoRA ms | LoRA / no LoRA | 4 adapters mixed / 1 | GB/s (% of read) | GFLOP/s | PyTorch path ms | PEFT bf16 ms | PEFT / ours | kt-kernel + LoRA ms | ours / kt | AVX-512 only ms | AMX every expert ms | bf16 rows copied ms | our kernel where oneDNN runs ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peft = r.get("peft_ms", float("nan"))
         out.append(
             f"| {r['shape']} | {r['method']} | {r['tokens']} | {r['lora_ms']:.2f} | {r['base_ms']:.2f} | {r['lora_ms'] / r['base_ms']:.2f} | "
             f"{r['mixed_ms'] / r['lora_ms']:.2f} | {r['gbs']:.1f} ({r['read_pct']:.0f}%) | {r['gflops']:.0f} | {r['torch_ms']:.1f} | "
             f"{peft:.0f} | {peft / r['lora_ms']:.0f}x | {r['kt_ms']:.2f} | {r['lora_ms'] / r['kt_ms']:.2f} | "
-            f"{r['avx_ms']:.2f} | {r['every_ms']:.2f} | {r['copy_ms']:.2f} |"
+            f"{r['avx_ms']:.2f} | {r['every_ms']:.2f} | {r['copy_ms']:.2f} | {r['kernel_ms']:.2f} |"
         )
     return "\n".join(out) + "\n"
 

@@ -9,6 +9,8 @@ parts round in different places).
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import pytest
@@ -152,6 +154,31 @@ def test_hybrid_equals_all_cpu(device, method, strategy, count):
     got = hybrid.forward(LAYER, x.to(device), ids.to(device), w.to(device), hybrid.token_slots(names))
     assert got.device.type == device and got.dtype == x.dtype
     assert rel(got.cpu(), expected.double()) < TOLERANCE[method]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("on_caller", [False, True], ids=["cpu-on-worker", "cpu-on-caller"])
+def test_hybrid_worker_either_way_equals_all_cpu(device, on_caller):
+    """A batch the worker takes part in: it runs the CPU experts, or (on_caller, with a GPU)
+    launches the GPU part on the caller's stream while the CPU experts run on the caller."""
+    gate, up, down = make_weights(E, H, I)
+    cpu_alone = MoELoRAEngine({LAYER: ExpertWeights.from_tensors(gate, up, down, "fp32")}, threads=2, kernel="torch")
+    built = HybridMoE.build([(LAYER, torch.cat((gate, up), 1), down)], _masks("uniform", 4), "fp32", device=device, threads=2, kernel="torch")
+    hybrid = HybridMoE(built.cpu, built.gpu, worker=True, on_caller=on_caller)
+    for name, adapter in adapters().items():
+        cpu_alone.load_adapter(name, adapter)
+        hybrid.load_adapter(name, adapter)
+    hybrid.adapters_changed()
+    side = torch.cuda.Stream() if device == "cuda" else None
+    for T in (32, 5):
+        ids, w = routing(T, E, K, seed=T)
+        names = [("a", None, "b", "c")[t % 4] for t in range(T)]
+        x = torch.randn(T, H)
+        expected = cpu_alone.forward(LAYER, x, ids, w, cpu_alone.token_slots(names))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():  # the caller's stream, not the default
+            got = hybrid.forward(LAYER, x.to(device), ids.to(device), w.to(device), hybrid.token_slots(names))
+            got = got.cpu()
+        assert rel(got, expected.double()) < TOLERANCE["fp32"], T
 
 
 @pytest.mark.parametrize("worker", [False, True])

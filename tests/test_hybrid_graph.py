@@ -135,19 +135,25 @@ def test_inputs_that_never_arrive_are_an_error(on_launcher, monkeypatch):
         part.run_replay(_calls(2), lambda: None, lambda: None)
 
 
-def test_who_serves_host_calls_is_chosen_by_the_environment(monkeypatch):
+def test_the_cpu_experts_thread_is_chosen_by_the_environment(monkeypatch):
+    from expertlora.hybrid import cpu_experts_on_caller
+
+    for value, on_caller in (("", False), ("worker", False), ("caller", True), (" caller ", True)):
+        monkeypatch.setenv("EXPERTLORA_CPU_EXPERTS_THREAD", value)
+        assert cpu_experts_on_caller() is on_caller, value
+    for bad in ("Caller", "launcher", "x" * 5000):
+        monkeypatch.setenv("EXPERTLORA_CPU_EXPERTS_THREAD", bad)
+        with pytest.raises(ValueError, match="EXPERTLORA_CPU_EXPERTS_THREAD: expected worker or caller") as e:
+            cpu_experts_on_caller()
+        assert len(str(e.value)) < 120
+
+
+def test_replays_return_at_once_from_cuda_driver_11_4(monkeypatch):
     from expertlora import hybrid_graph
 
-    for value, driver, on_launcher in (("", 13000, False), ("worker", 13000, False), ("launcher", 13000, True),
-                                       (" launcher ", 11040, True), ("launcher", 11030, False), ("launcher", None, False)):
-        monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", value)
+    for driver, at_once in ((13000, True), (11040, True), (11030, False), (None, False)):
         monkeypatch.setattr(hybrid_graph, "driver_version", lambda: driver)
-        assert hybrid_graph.host_calls_on_launcher() is on_launcher, (value, driver)
-    for bad in ("Launcher", "both", "x" * 5000):
-        monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", bad)
-        with pytest.raises(ValueError, match="EXPERTLORA_GRAPH_HOST_CALLS: expected worker or launcher") as e:
-            hybrid_graph.host_calls_on_launcher()
-        assert len(str(e.value)) < 120
+        assert hybrid_graph.replay_returns_at_once() is at_once, driver
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

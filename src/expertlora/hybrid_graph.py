@@ -14,14 +14,10 @@ worker thread serves its calls: it waits for each call's ``ready``, runs it, pos
 order they were captured. A failure in the CPU part still posts ``done`` (the stream never hangs)
 and is raised in the caller once the step is over.
 
-With EXPERTLORA_GRAPH_HOST_CALLS=launcher the replaying thread serves the calls itself, between
-the launch and its wait for the stream: no hand-off between threads, and no second OpenMP pool
-(every thread that runs parallel work gets one; BENCHMARKS.md, OpenMP thread pools). It is not
-the default until measured on a GPU host: on the dev box, with a thread standing in for the stream,
-it saved 0.09 ms a layer call with one CPU thread and cost 0.5 ms a call with the OpenMP team on
-every core, whose spinning kept the stream's thread off the CPU (benchmarks/graph_host_calls.py).
-It needs a replay that returns at once: torch synchronises the device in ``replay()`` below CUDA
-driver 11.4, which would wait for a host call nobody serves; there the worker serves them.
+With ``on_launcher`` the replaying thread serves the calls itself, between the launch and its
+wait for the stream: no hand-off between threads and no second OpenMP pool (hybrid.py,
+EXPERTLORA_CPU_EXPERTS_THREAD=caller). That needs a replay that returns at once
+(``replay_returns_at_once``).
 
 The pinned buffers are allocated in ``prepare`` mode, by the eager warm-up steps that come before
 a capture (allocating while capturing is not allowed), one set per (layer, batch shape).
@@ -29,7 +25,6 @@ a capture (allocating while capturing is not allowed), one set per (layer, batch
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -63,16 +58,15 @@ class HostCall:
 class GraphCpuPart:
     """Captured CPU parts and the worker thread that runs them when their graph replays."""
 
-    def __init__(self, run: Callable[[HostCall], torch.Tensor], on_launcher: bool | None = None):
+    def __init__(self, run: Callable[[HostCall], torch.Tensor], on_launcher: bool = False):
         """``run(call)``: the CPU engine on a call's buffers, giving its [T, H] result.
-        ``on_launcher``: the replaying thread serves the calls (True) or a worker thread does
-        (False); None: EXPERTLORA_GRAPH_HOST_CALLS (``host_calls_on_launcher``)."""
+        ``on_launcher``: the replaying thread serves the calls, not a worker thread."""
         self._run = run
         set_spin(POLL_READY_US, 0)
         self._buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.preparing = False  # set around the eager steps before a capture: they allocate the buffers
         self.captured: list[HostCall] = []  # the calls of the capture in progress
-        self.on_launcher = host_calls_on_launcher() if on_launcher is None else on_launcher
+        self.on_launcher = on_launcher
         if not self.on_launcher:
             self._todo: queue.SimpleQueue = queue.SimpleQueue()
             self._results: queue.SimpleQueue = queue.SimpleQueue()
@@ -162,12 +156,9 @@ class GraphCpuPart:
             self._results.put(self._serve(self._todo.get()))
 
 
-def host_calls_on_launcher() -> bool:
-    """EXPERTLORA_GRAPH_HOST_CALLS: "worker" (the default) or "launcher", which holds only where
-    ``CUDAGraph.replay()`` returns without waiting for the device: torch synchronises the device
-    after the launch where the CUDA driver is older than 11.4."""
-    env = os.environ.get("EXPERTLORA_GRAPH_HOST_CALLS", "").strip() or "worker"
-    if env not in ("worker", "launcher"):
-        raise ValueError(f"EXPERTLORA_GRAPH_HOST_CALLS: expected worker or launcher, found {env[:40]!r}")
+def replay_returns_at_once() -> bool:
+    """Whether ``CUDAGraph.replay()`` returns without waiting for the device, as serving the host
+    calls on the launching thread needs: torch synchronises the device after the launch where the
+    CUDA driver is older than 11.4, which would wait for a host call nobody serves."""
     version = driver_version()
-    return env == "launcher" and version is not None and version >= 11040
+    return version is not None and version >= 11040
