@@ -27,12 +27,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from e2e import RANK, checkpoint  # noqa: E402
 from serving import ExpertCounter  # noqa: E402
 
+from expertlora.host_nodes import Semaphore  # noqa: E402
 from expertlora.runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 
+READY_WAIT = Semaphore.wait
+
+
+class StepClock:
+    """Where an engine step's time goes, from timestamps taken on the engine thread and on the
+    thread that serves a replayed graph's host calls: outside the model (scheduling, the batch's
+    inputs, sampling, output text), the model call (an eager forward, or a replay up to its
+    synchronize) and, inside a replay, the waits for each layer's inputs (the GPU's work before
+    that layer's CPU part: attention, the copies, the host node's latency), the CPU parts (the CPU
+    engine and the Python around it) and the rest (launch, the work after the last CPU part)."""
+
+    def __init__(self, engine: Engine):
+        self.steps: list[tuple[float, float]] = []
+        self.runs: list[tuple[float, float]] = []
+        self.waits: list[tuple[float, float]] = []
+        self.parts: list[tuple[float, float]] = []
+        engine._step = self._timed(engine._step, self.steps)
+        engine.runner.run = self._timed(engine.runner.run, self.runs)
+        part = engine.runner._part
+        if part is not None:
+            part._run = self._timed(part._run, self.parts)
+            # only the host-call servers wait on a Semaphore from Python (the stream waits in C)
+            Semaphore.wait = lambda sem, timeout_s, _w=self._timed(READY_WAIT, self.waits): _w(sem, timeout_s)
+
+    @staticmethod
+    def _timed(fn, into: list):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                into.append((t0, time.perf_counter()))
+
+        return timed
+
+    def per_step(self, start: float, end: float) -> tuple[float, ...]:
+        """ms per step over the steps that began in [start, end]: (step, outside the model, model,
+        inside the model: waits for inputs, CPU parts, rest)."""
+        def total(events):
+            return 1e3 * sum(b - a for a, b in events if start <= a <= end)
+
+        n = sum(1 for a, _ in self.steps if start <= a <= end)
+        if not n:
+            return (float("nan"),) * 6
+        step, run, waits, parts = (total(e) / n for e in (self.steps, self.runs, self.waits, self.parts))
+        return step, step - run, run, waits, parts, run - waits - parts
+
+
 def decode_rate(engine: Engine, n: int, prompt_len: int, new_tokens: int, vocab: int,
-                clock: ExpertCounter | None = None) -> tuple[float, float, tuple]:
-    """(output tokens/s over the decode window, step ms, the clock's per-step figures)."""
+                clock: ExpertCounter | None = None, steps: StepClock | None = None) -> tuple[float, float, tuple, tuple]:
+    """(output tokens/s over the decode window, step ms, the clock's per-step figures, the step
+    clock's breakdown)."""
     g = torch.Generator().manual_seed(n)
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(n)]
     s = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -43,10 +93,11 @@ def decode_rate(engine: Engine, n: int, prompt_len: int, new_tokens: int, vocab:
     end = max(o.finished_time for o in outs)
     # tokens produced after every request had its first token
     if end <= start:
-        return float("nan"), float("nan"), (float("nan"),) * 3
+        return float("nan"), float("nan"), (float("nan"),) * 3, (float("nan"),) * 6
     tokens = sum(len(o.token_ids) - 1 for o in outs)
     per_step = clock.per_step(start, end) if clock else (float("nan"),) * 3
-    return tokens / (end - start), 1e3 * (end - start) * n / tokens, per_step
+    breakdown = steps.per_step(start, end) if steps else (float("nan"),) * 6
+    return tokens / (end - start), 1e3 * (end - start) * n / tokens, per_step, breakdown
 
 
 def main():
@@ -84,6 +135,7 @@ def main():
                 with Engine(cfg) as engine:
                     load_s = time.perf_counter() - t0
                     clock = ExpertCounter(engine.lm)
+                    step_clock = StepClock(engine)
                     replayed = graphs and engine.runner.graphs
                     for poll in polls if replayed else [None]:
                         if poll is not None:
@@ -92,11 +144,15 @@ def main():
                             set_spin(*poll)
                         mode = f"graphs, poll {poll[0]} / {poll[1]} us" if poll else "eager"
                         for n in levels:
-                            rate, step_ms, per_step = decode_rate(engine, n, args.prompt_tokens, args.new_tokens, args.vocab, clock)
+                            rate, step_ms, per_step, parts = decode_rate(engine, n, args.prompt_tokens, args.new_tokens, args.vocab,
+                                                                         clock, step_clock)
                             rows[share, mode, n] = row = (rate, step_ms, *per_step)
                             print(f"share {share}% {mode}, concurrency {n}: {row[0]:.1f} output tokens/s, step {row[1]:.2f} ms, "
                                   f"CPU engine {row[2]:.2f} ms/step, {row[3]:.1f} CPU experts/layer, {row[4]:.0f} MB/step "
                                   f"(load {load_s:.0f} s)", flush=True)
+                            print(f"  per step: {parts[0]:.2f} ms = {parts[1]:.2f} outside the model + {parts[2]:.2f} model"
+                                  + (f" (waits for a layer's inputs {parts[3]:.2f}, CPU parts {parts[4]:.2f}, rest {parts[5]:.2f})"
+                                     if replayed else ""), flush=True)
                 torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU only"
     modes = sorted({m for _, m, _ in rows if m != "eager"})
