@@ -5,7 +5,9 @@ requests run, and the refusals."""
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -222,6 +224,26 @@ def test_load_and_unload_while_running(tmp_path, model_dir, fused_adapter, secon
         assert e.adapter_names == ["code"]
         with pytest.raises(UnknownAdapter):
             e.add_request(p, "math")
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task"), reason="needs 2 CPU threads and Linux /proc")
+def test_an_adapter_read_leaves_no_thread_pool_behind(model_dir, fused_adapter, monkeypatch):
+    """A server reads adapters on threads that live on: the parallel CPU work of a read must not
+    leave an OpenMP pool on them (libgomp then stops spinning in the engine's pool: slower steps)."""
+    math_dir, _, _ = fused_adapter("qwen3_moe")
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", max_model_len=32)) as e:
+        read = e.adapters.read
+
+        def read_with_parallel_work(name, source):
+            torch.randn(1024, 1024) @ torch.randn(1024, 1024)  # as a large adapter's conversion does
+            return read(name, source)
+
+        monkeypatch.setattr(e.adapters, "read", read_with_parallel_work)
+        before = len(os.listdir("/proc/self/task"))
+        with ThreadPoolExecutor(1) as server:  # a long-lived server thread, as serve's adapter_ops
+            server.submit(e.load_adapter, "math", math_dir).result()
+            assert len(os.listdir("/proc/self/task")) == before + 1  # the server thread alone
+        assert e.adapter_names == ["math"]
 
 
 def test_adapters_swap_under_load(model_dir, fused_adapter, second_adapter):

@@ -21,7 +21,7 @@ import time
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,9 +211,9 @@ class Engine:
     # -- adapters --------------------------------------------------------------------------------
 
     def load_adapter(self, name: str, source: str | Path | ExpertLoRA) -> None:
-        """Read and check ``source`` here (off the step loop), then install it between two steps.
+        """Read and check ``source`` off the step loop, then install it between two steps.
         Returns when requests can use it. A failure changes nothing."""
-        adapter, prepared = self.adapters.read(name, source)
+        adapter, prepared = _on_a_thread_of_its_own(self.adapters.read, name, source)
 
         def install():
             self.adapters.install(name, adapter, prepared)
@@ -399,6 +399,16 @@ def slots_in_budget(budget: int, per_slot: int, max_num_seqs: int, pad: bool) ->
     """Sequence regions of ``per_slot`` bytes that fit in ``budget`` beside the graphs' pad region
     (``pad``), at most ``max_num_seqs``."""
     return min(max_num_seqs, budget // per_slot - pad)
+
+
+def _on_a_thread_of_its_own(fn, *args):
+    """``fn(*args)`` on a new thread that ends with it. Its parallel CPU work gets an OpenMP pool
+    that goes with the thread; on a thread that lives on (a server's worker) the pool would stay,
+    and with more pooled threads than cores libgomp stops spinning between parallel regions, so
+    each of the engine's waits for its threads to wake: on the dev box the steps were 3.4x slower
+    after one parallel op on a living thread (BENCHMARKS.md, OpenMP thread pools)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="expertlora-adapter-read") as pool:
+        return pool.submit(fn, *args).result()
 
 
 class _Stop(BaseException):
