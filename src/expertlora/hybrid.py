@@ -179,22 +179,21 @@ class HybridMoE:
         on_gpu = self.gpu.num_resident(layer)
         graphs = self.graph_part
         in_graph = graphs is not None and on_gpu < E and (graphs.preparing or torch.cuda.is_current_stream_capturing())
+
+        def gpu_part(stream=None):
+            """The resident experts' part, queued on ``stream`` (None: the current one)."""
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                return self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device))
+
         if in_graph:  # a step as one CUDA graph (hybrid_graph.py), whatever its size: never GPU prefill
             if graphs.preparing:
                 graphs.prepare(layer, x, topk_ids, topk_weights)
             else:
-                def gpu_part():
-                    return self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device)) if on_gpu else None
-
-                return graphs.capture(layer, x, topk_ids, topk_weights, token_slots, gpu_part).to(x.dtype)
+                return graphs.capture(layer, x, topk_ids, topk_weights, token_slots, lambda: gpu_part() if on_gpu else None).to(x.dtype)
         elif on_gpu < E and self.prefill is not None and self.prefill.runs(x):
             return self._on_gpu_only(layer, x, topk_ids, topk_weights, token_slots, on_gpu)
         if on_gpu == 0:
             return self._cpu_part(layer, x, topk_ids, topk_weights, token_slots)().to(x.device, non_blocking=True)
-        def gpu_part(stream=None):
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                return self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device))
-
         if on_gpu == E:
             return gpu_part().to(x.dtype)
         cpu_part = self._cpu_part(layer, x, topk_ids, topk_weights, token_slots)
