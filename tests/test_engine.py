@@ -109,6 +109,21 @@ def test_mixed_batch_matches_reference(method, kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("method", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("T", [23, 64])
+def test_many_tokens_per_expert_match_reference(T, method, kernel):
+    """Experts with many tokens each (whole register tiles of tokens and rows, and the remainders
+    of both: 6 experts, 3 a token, LoRA ranks 1 to 64) against the float64 reference."""
+    engine, weights, adapters = engine_and_adapters(method, kernel)
+    E, H, _ = shape_for(method, kernel)
+    names = [("a", None, "b", "c", "a", "c", None)[t % 7] for t in range(T)]
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
+    ids, w = routing(T, E, 3, seed=T + 1)
+    y = engine.forward(LAYER, x, ids, w, engine.token_slots(names))
+    assert rel(y, reference(weights, x, ids, w, names, adapters)) < TOLERANCE[method]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("method", ["fp32", "bf16", "int8", "int4"])
 def test_tokens_without_adapter_get_the_base_bits(method, kernel):
     engine, weights, _ = engine_and_adapters(method, kernel)
     bare = MoELoRAEngine({LAYER: weights}, threads=1, kernel=kernel)
