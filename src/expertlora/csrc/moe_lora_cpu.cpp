@@ -196,10 +196,9 @@ inline void dot_store(const W& w, const typename W::Row* rows, const typename W:
 
 // Register tiles of dot: up to tile_rows<W> weight rows x kTile tokens, each weight chunk loaded
 // once for the tile's tokens and each token chunk once for its rows. int4's grouped sums keep a
-// second set of accumulators, so its tiles have half the rows; fp32 rows of 4 were slower at one
-// token on the dev box (3.9 against 3.3 ms a Qwen3-30B-A3B layer).
+// second set of accumulators, so its tiles have half the rows.
 template <class W>
-inline constexpr int tile_rows = W::kGrouped || std::is_same_v<W, F32W> ? 2 : 4;
+inline constexpr int tile_rows = W::kGrouped ? 2 : 4;
 
 template <int R, class W>
 void row_group_times_tokens(const W& w, const typename W::Row* rows, const typename W::Act* const* x, int64_t n_tok,
