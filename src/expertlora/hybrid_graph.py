@@ -56,7 +56,8 @@ class HostCall:
 
 
 class GraphCpuPart:
-    """Captured CPU parts and the worker thread that runs them when their graph replays."""
+    """Captured CPU parts, and what serves them when their graph replays (a worker thread, or
+    the replaying thread: ``on_launcher``)."""
 
     def __init__(self, run: Callable[[HostCall], torch.Tensor], on_launcher: bool = False):
         """``run(call)``: the CPU engine on a call's buffers, giving its [T, H] result.
