@@ -42,11 +42,12 @@ constexpr int64_t kColBlock = 64;  // output columns per task in phase 4b
 constexpr int64_t kTaskBytes = 32768;  // weight bytes per row task (at least kRowBlock rows)
 constexpr int64_t kPrefetch = 1024;    // bytes ahead of the next tile's rows (a task's rows are contiguous)
 
-// Software prefetch helps the short rows of int8 / int4 (measured 12-30% on the AMD dev box)
-// and cost bf16 about 5% there, whose rows the hardware prefetcher already streams well.
-template <class W>
+// Software prefetch helps the short rows of int8 / int4 (measured 12-30% on the AMD dev box).
+// bf16 / fp32 rows get it in tiles of several tokens (bf16 1.11x at 512 tokens there), not at
+// one token, where it cost bf16 5-15%: the hardware prefetcher streams those rows well enough.
+template <class W, int M>
 inline void prefetch(const void* p) {
-  if constexpr (W::kBits < 16) _mm_prefetch((const char*)p, _MM_HINT_T0);
+  if constexpr (W::kBits < 16 || M > 1) _mm_prefetch((const char*)p, _MM_HINT_T0);
 }
 
 // ---- weight stacks [E, N, K]: row(e, n) and 32 (bf16 path) or 16 (fp32 path) values a step
@@ -170,7 +171,7 @@ inline void dot(const W& w, const typename W::Row* rows, const typename W::Act* 
         // distance from each row's own place mostly lands on rows already being read (int4
         // decode 1.2-1.3x, int8 1.1-1.2x on the dev box)
         for (int r = 0; r < R; ++r)
-          prefetch<W>((const char*)w.at(rows[r], k) + R * K * W::kBits / 8 + kPrefetch), wv[r] = w.chunk(rows[r], k);
+          prefetch<W, M>((const char*)w.at(rows[r], k) + R * K * W::kBits / 8 + kPrefetch), wv[r] = w.chunk(rows[r], k);
         for (int m = 0; m < M; ++m) {
           __m512bh xv = (__m512bh)_mm512_loadu_si512(x[m] + k);
           for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
