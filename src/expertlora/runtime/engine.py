@@ -333,15 +333,13 @@ class Engine:
             reason = "stop"
         elif len(r.output_ids) >= s.max_tokens:
             reason = "length"
-        text = r.detokenizer.update(r.output_ids, final=reason is not None)
+        text = r.detokenizer.update(r.output_ids, final=reason is not None)  # an incomplete character held back
         if s.stop:
             # search only where a stop string could end in the new text
             look_from = max(0, len(r.text) - max(map(len, s.stop)) + 1)
             hits = [i for i in (text.find(stop, look_from) for stop in s.stop) if i >= 0]
             if hits:
                 text, reason = text[: min(hits)], "stop"
-        if reason is None and text.endswith("\ufffd"):
-            text = r.text  # an incomplete character: hold it back until its bytes arrive
         new_text, r.text = text[len(r.text) :], text
         if reason is not None:
             self._finish(r, reason, new_ids=(token,), new_text=new_text)
