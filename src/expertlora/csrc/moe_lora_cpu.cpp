@@ -465,7 +465,6 @@ class Workspace {
   size_t size_ = 0;
 };
 
-
 inline int64_t rows_per_task(int64_t row_bytes) {
   return std::max(kRowBlock, (kTaskBytes / std::max<int64_t>(row_bytes, 1)) & ~int64_t(1));
 }
@@ -562,6 +561,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
   const bool direct = !env_is("EXPERTLORA_AMX_COPY", '1');
   auto is_amx = [&](int64_t e) { return pad_off[e + 1] > pad_off[e]; };
   auto amx_rows = [](int64_t rows) { return rows > 0 && rows % 16 == 0; };  // LoRA shrinks on tiles
+  // the end of the run of pairs of q's expert and adapter that starts at q, within [q, q_end)
+  auto run_end = [&](int64_t q, int64_t q_end) {
+    int64_t end = q + 1;
+    while (end < q_end && q_exp[end] == q_exp[q] && q_slot[end] == q_slot[q]) ++end;
+    return end;
+  };
 
   // LoRA tasks: runs of one expert and adapter, at most kLoRATokens pairs each on AVX-512, whole
   // on AMX (tiles cost the same for 1 and 16 tokens; a block two runs share is computed twice)
@@ -665,10 +670,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
       const int64_t qa = task / i_blocks * pair_chunk, qb = std::min(qa + pair_chunk, Q);
       const int64_t ca = task % i_blocks * i_block, cb = std::min(ca + i_block, I);
       for (int64_t qs = qa, qe; qs < qb; qs = qe) {  // runs of one expert and adapter
-        const int64_t e = q_exp[qs], slot = q_slot[qs];
-        for (qe = qs + 1; qe < qb && q_exp[qe] == e && q_slot[qe] == slot; ++qe) {
-        }
-        const int64_t n = qe - qs;
+        const int64_t e = q_exp[qs], slot = q_slot[qs], n = (qe = run_end(qs, qb)) - qs;
         for (int64_t c = ca; c < cb; c += 16) {
           alignas(64) float g[kPairChunk][16], u[kPairChunk][16];
           for (int64_t i = 0; i < n; ++i) {
@@ -730,8 +732,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Te
         const int64_t qa = task * kPairChunk, qb = std::min(qa + kPairChunk, Q);
         for (int64_t qs = qa, qe; qs < qb; qs = qe) {  // runs of one expert and adapter
           const int64_t e = q_exp[qs], slot = q_slot[qs];
-          for (qe = qs + 1; qe < qb && q_exp[qe] == e && q_slot[qe] == slot; ++qe) {
-          }
+          qe = run_end(qs, qb);
           if (slot < 0) continue;
           const auto& l = slots[slot];
           for (int64_t c = 0; c < H; c += 16)
