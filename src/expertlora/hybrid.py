@@ -14,6 +14,9 @@ decode, where the GPU part's host time is small; at 32 tokens, where launching t
 longer, the worker kept the overlap on the H200 host (BENCHMARKS.md). ``worker=True`` / ``False``
 forces either.
 
+Layers with all experts on one side skip the other. Without a GPU device the same code runs
+with both parts on the CPU (CI checks the split that way).
+
 With EXPERTLORA_CPU_EXPERTS_THREAD=caller (``on_caller``) the CPU experts always run on the
 calling thread: for batches of WORKER_TOKENS the worker launches the GPU part instead (on the
 caller's stream), and a replayed graph's host calls are served by the thread that replays it
@@ -24,8 +27,6 @@ OpenMP thread pools). It is not the default until measured on a GPU host: on the
 thread standing in for the stream, the caller saved 0.09 ms a replayed layer call with one CPU
 thread, and cost 0.5 ms a call with the OpenMP team on every core, whose spinning kept the
 stream's thread off the CPU (benchmarks/graph_host_calls.py).
-Layers with all experts on one side skip the other. Without a GPU device the same code runs
-with both parts on the CPU (CI checks the split that way).
 
 With GPU prefill on (``gpu_prefill_threshold``, gpu_prefill.py), a forward of at least that many
 tokens runs the CPU experts on the GPU too, their weights copied there layer by layer, and the

@@ -68,5 +68,3 @@ class ServeConfig:
             return ipaddress.ip_address(self.host.strip("[]")).is_loopback
         except ValueError:
             return False
-
-

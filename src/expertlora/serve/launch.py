@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 
-
 def serve(
     *,
     model: Path,
