@@ -68,14 +68,16 @@ class StepClock:
 
     def per_step(self, start: float, end: float) -> tuple[float, ...]:
         """ms per step over the steps that began in [start, end]: (step, outside the model, model,
-        inside the model: waits for inputs, CPU parts, rest)."""
-        def total(events):
-            return 1e3 * sum(b - a for a, b in events if start <= a <= end)
-
-        n = sum(1 for a, _ in self.steps if start <= a <= end)
-        if not n:
+        inside the model: waits for inputs, CPU parts, rest). The other events count where they
+        began inside one of those steps (a step that began before ``start`` keeps its model call)."""
+        steps = [(a, b) for a, b in self.steps if start <= a <= end]
+        if not steps:
             return (float("nan"),) * 6
-        step, run, waits, parts = (total(e) / n for e in (self.steps, self.runs, self.waits, self.parts))
+
+        def total(events):
+            return 1e3 * sum(b - a for a, b in events if any(s <= a <= e for s, e in steps))
+
+        step, run, waits, parts = (total(e) / len(steps) for e in (self.steps, self.runs, self.waits, self.parts))
         return step, step - run, run, waits, parts, run - waits - parts
 
 
