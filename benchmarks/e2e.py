@@ -11,7 +11,7 @@ o_proj. Rows, all in one process: transformers 5 base (its default experts forwa
 transformers 5 + PEFT; expertlora without and with the adapter, for each method (the non-expert
 layers in bf16). Prefill: one forward over --prompt-tokens. Decode: --new-tokens single-token
 steps with the KV cache, after the prefill; tokens/s over the steps alone. Each row runs a
-short warm-up first (PEFT's row does not: one step takes seconds).
+warm-up on the whole prompt first (the first long forward takes one-time costs).
 
 With --device cuda, transformers and PEFT run wholly on the GPU, and expertlora (bf16) runs the
 non-expert layers there with --gpu-shares percent of each layer's experts (uniform placement),
@@ -89,9 +89,10 @@ def checkpoint(work: Path, vocab: int, layers: int) -> None:
 
 
 def speeds(model, prompt: torch.Tensor, new_tokens: int, **kw) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) with the KV cache, greedy, after a short warm-up run."""
-    if new_tokens > 1:
-        _decode(model, prompt[:, :8], 2, **kw)
+    """(prefill tokens/s, decode tokens/s) with the KV cache, greedy, after a warm-up run on the
+    whole prompt (a long prompt takes paths a short one does not: GPU prefill's first use stacks
+    the adapters' LoRA on the GPU, the kernel's workspace grows once)."""
+    _decode(model, prompt, min(new_tokens, 2), **kw)
     return _decode(model, prompt, new_tokens, **kw)
 
 

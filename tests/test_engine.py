@@ -294,6 +294,20 @@ def test_large_bf16_batches_can_run_on_onednn():
     assert rel(out["onednn"], reference(weights, x, ids, w, names, {"a": adapter})) < TOLERANCE["bf16"]
 
 
+def test_onednn_takes_large_bf16_batches_only_where_the_amx_tiles_are_off(monkeypatch):
+    """On an AMX CPU the kernel's own tiles beat oneDNN at every size: oneDNN is the default
+    for large bf16 batches only with the tiles off (EXPERTLORA_AMX=0)."""
+    import expertlora.engine as engine_module
+
+    weights = ExpertWeights.from_tensors(*make_weights(*shape_for("bf16")), method="bf16")
+    monkeypatch.setattr(engine_module, "has_amx", lambda: True)
+    for tiles_from, expected in ((5, None), (0, engine_module.ONEDNN_TOKENS_PER_EXPERT)):
+        monkeypatch.setattr(engine_module, "amx_from", lambda: tiles_from)
+        assert MoELoRAEngine({LAYER: weights}, kernel="torch").onednn_from == expected
+    monkeypatch.setattr(engine_module, "has_amx", lambda: False)
+    assert MoELoRAEngine({LAYER: weights}, kernel="torch").onednn_from is None
+
+
 def test_falls_back_to_the_pytorch_path_when_the_kernel_cannot_build(monkeypatch):
     import expertlora.engine as engine_module
     import expertlora.kernels as kernels

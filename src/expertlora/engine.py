@@ -6,8 +6,9 @@
 
 token_slots holds each token's adapter slot (``engine.slot("math")``) or -1 for none.
 The compiled kernel runs where it builds; the PyTorch path (moe.moe_forward_torch) is the
-portable fallback, chosen once at construction. The one choice per call: large bf16 batches
-on CPUs with AMX go to the PyTorch path, whose oneDNN matmuls use AMX (``onednn_from``).
+portable fallback, chosen once at construction. The one choice per call: where the CPU has AMX
+but the kernel's AMX tiles are off (EXPERTLORA_AMX=0), large bf16 batches go to the PyTorch
+path, whose oneDNN matmuls use AMX (``onednn_from``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from .slots import NO_ADAPTER, AdapterSlots
 
 KERNELS = ("auto", "compiled", "torch")
 # bf16 batches with this many tokens per expert go to PyTorch's oneDNN matmuls where the CPU has
-# AMX: measured against the kernel before it had AMX tiles of its own (BENCHMARKS.md, run A;
-# not re-measured against kernels.AMX_TOKENS_PER_EXPERT's tile path).
+# AMX and the kernel's own AMX tiles are off: measured against the kernel's AVX-512 path
+# (BENCHMARKS.md, run A). With the tiles on, the kernel is 5.5x faster than oneDNN at 128 tokens
+# per expert (BENCHMARKS.md "The oneDNN rule against the AMX tiles"), so it runs every size.
 ONEDNN_TOKENS_PER_EXPERT = 96
 
 
@@ -54,8 +56,8 @@ class MoELoRAEngine:
         is then the model's expert count, which adapters have.
         ``onednn_from``: bf16 batches with at least this many tokens per expert run on
         PyTorch's matmuls, which use AMX through oneDNN; by default 96 where the CPU has
-        AMX (measured on the device's Xeon: 128 tokens per expert ran 2.4x faster there,
-        48 ran 1.5x slower), else never."""
+        AMX but the kernel's AMX tiles are off (against the AVX-512 path on the device's
+        Xeon: 128 tokens per expert ran 2.4x faster there, 48 ran 1.5x slower), else never."""
         if not layers:
             raise ValueError("the engine needs at least one MoE layer")
         first = next(iter(layers.values()))
@@ -74,10 +76,10 @@ class MoELoRAEngine:
         self.act_dtype = torch.float32 if self.method == "fp32" else torch.bfloat16
         self.slots = AdapterSlots(*shape, self.act_dtype, experts)
         self._kernel = None if kernel == "torch" else _compiled(first, required=kernel == "compiled")
-        if onednn_from is None and self.method == "bf16" and has_amx():
+        self.amx_from = amx_from()  # the kernel's experts with this many tokens use AMX tiles (0: never)
+        if onednn_from is None and self.method == "bf16" and has_amx() and not self.amx_from:
             onednn_from = ONEDNN_TOKENS_PER_EXPERT
         self.onednn_from = onednn_from
-        self.amx_from = amx_from()  # the kernel's experts with this many tokens use AMX tiles (0: never)
 
     @property
     def kernel(self) -> str:
@@ -137,7 +139,7 @@ class MoELoRAEngine:
         return y.to(x.dtype)
 
     def _onednn(self, topk_ids: torch.Tensor, num_experts: int) -> bool:
-        """Large bf16 batches: oneDNN's AMX matmuls beat the kernel's AVX-512 dot products."""
+        """Large bf16 batches, AMX tiles off: oneDNN's AMX matmuls beat the kernel's AVX-512 dot products."""
         return self.onednn_from is not None and topk_ids.numel() / max(num_experts, 1) >= self.onednn_from
 
     def _check(self, x, topk_ids, topk_weights, token_slots, weights: ExpertWeights) -> None:
