@@ -205,6 +205,19 @@ def test_threshold_must_be_a_positive_token_count(bad):
         hybrid.enable_gpu_prefill(bad)
 
 
+def test_default_threshold_follows_the_cpu_path(monkeypatch):
+    """The kernel's AMX tiles make the CPU path faster, so GPU prefill pays from more tokens."""
+    monkeypatch.setattr(gpu_prefill, "amx_from", lambda: 5)
+    with_tiles = {m: gpu_prefill.threshold_for(None, m, "cuda", cpu_experts=True) for m in METHODS}
+    monkeypatch.setattr(gpu_prefill, "amx_from", lambda: 0)
+    without = {m: gpu_prefill.threshold_for(None, m, "cuda", cpu_experts=True) for m in METHODS}
+    assert with_tiles == {m: gpu_prefill.DEFAULT_THRESHOLDS["amx"][m] for m in METHODS}
+    assert without == {m: gpu_prefill.DEFAULT_THRESHOLDS["avx512"][m] for m in METHODS}
+    assert with_tiles["bf16"] > without["bf16"]
+    assert gpu_prefill.threshold_for(None, "bf16", "cpu", cpu_experts=True) is None
+    assert gpu_prefill.threshold_for(0, "bf16", "cuda", cpu_experts=True) is None
+
+
 def _split_on_cpu(ckpt, method, backend, threads, group_size, wrap, device, gpu_masks):
     """load_model's hybrid engine with its "GPU" part on the CPU (as tests/test_hybrid_split.py)."""
     return integration._hybrid_engine(ckpt, method, threads, group_size, wrap, torch.device("cpu"), gpu_masks or {})

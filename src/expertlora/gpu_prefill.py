@@ -39,22 +39,30 @@ import torch
 
 from .experts import ExpertWeights
 from .gpu import GpuLayer, GpuMoELoRA
+from .kernels import amx_from
 from .quantize import QuantizedStack
 from .slots import AdapterSlots
 
 # The default threshold per method, in tokens per forward (None: off): the smallest token count
-# from which GPU prefill beat the CPU path on the H200 host (BENCHMARKS.md, "GPU prefill for
-# CPU-resident experts"; Qwen3-30B-A3B layers, 15 CPU threads): there 1.2x / 1.4x / 1.4x faster,
-# at half these counts 0.9x. fp32 was not measured. The CLI's default; load_model's is off.
-DEFAULT_THRESHOLDS: dict[str, int | None] = {"fp32": None, "bf16": 128, "int8": 64, "int4": 32}
+# from which GPU prefill beat the CPU path at every larger count measured on the H200 host
+# (BENCHMARKS.md, "GPU prefill for CPU-resident experts"; Qwen3-30B-A3B layers, 15 CPU threads),
+# per CPU path: the kernel's AMX tiles (there 1.2x / 1.1x / 1.2x faster at these counts, 0.9x /
+# 0.8x at half of each; int4's 16 not measured), and the AVX-512 path of CPUs without AMX (that
+# Xeon before the kernel had tiles: 1.2x / 1.4x / 1.4x, 0.9x at half). fp32 was not measured.
+# The CLI's default; load_model's is off.
+DEFAULT_THRESHOLDS: dict[str, dict[str, int | None]] = {
+    "amx": {"fp32": None, "bf16": 1024, "int8": 128, "int4": 32},
+    "avx512": {"fp32": None, "bf16": 128, "int8": 64, "int4": 32},
+}
+
 PAGE = 4096
 ALIGN = 256  # bytes: each part of a layer's block starts here (every dtype's alignment, and the GPU's)
 DEQUANT_CHUNK_BYTES = 256 * 2**20  # dequantized output per step: bounds the temporaries (int4: 2 x 1/4 of it)
 
 
 def default_threshold(method: str) -> int | None:
-    """The measured default threshold for ``method`` (None: off by default)."""
-    return DEFAULT_THRESHOLDS.get(method)
+    """The measured default threshold for ``method`` on this CPU's path (None: off by default)."""
+    return DEFAULT_THRESHOLDS["amx" if amx_from() else "avx512"].get(method)
 
 
 def threshold_for(requested: int | None, method: str, device: str, cpu_experts: bool) -> int | None:
