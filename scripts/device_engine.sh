@@ -2,10 +2,7 @@
 # The serving engine and graph decode on the device machine: the GPU tests of the engine (graph =
 # eager per bucket, hybrid = CPU, CPU experts inside graphs through host nodes), greedy_decode,
 # then a short decode throughput check per GPU share (eager vs graphs). Results go to $OUT.
-#   threads        which thread runs the CPU experts (hybrid.py, EXPERTLORA_CPU_EXPERTS_THREAD), one
-#                  process per choice: the hybrid and graph tests, then the hybrid layer at 1 / 32 tokens
-#   threads_speed  the same two choices: the engine at 8 / 32 requests, every expert on the CPU, 2 layers
-#   scripts/device_engine.sh [tests] [speed] [threads] [threads_speed]
+#   scripts/device_engine.sh [tests] [speed]
 source "$(dirname "$0")/device_env.sh"
 # the random 4-layer checkpoint of benchmarks/e2e.py, built once and shared with scripts/device_prefill.sh e2e
 BENCH_DIR="${BENCH_DIR:-/tmp/expertlora-bench}"
@@ -18,19 +15,6 @@ for part in "${@:-tests}"; do
              | grep -vE "Writing model shards|^$" | tail -60 | tee "$OUT/engine_tests.txt" ;;
     speed) mkdir -p "$BENCH_DIR"
            timeout 300 python3 scripts/engine_speed.py --polls "0,0;300,0" --workdir "$BENCH_DIR" 2>&1 | tee "$OUT/engine_speed.txt" ;;
-    threads) for who in worker caller; do
-               echo "-- EXPERTLORA_CPU_EXPERTS_THREAD=$who"
-               EXPERTLORA_CPU_EXPERTS_THREAD=$who timeout 200 python3 -m pytest -q -p no:cacheprovider -rfs tests/test_hybrid_graph.py \
-                 tests/test_gpu.py -k "hybrid or graph" 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed|^E  " | tail -20
-               EXPERTLORA_CPU_EXPERTS_THREAD=$who timeout 200 python3 benchmarks/gpu_layer.py --parts hybrid --tokens 1,32 --calls 40 \
-                 --out "$OUT/hybrid_$who.md" 2>&1 | grep -v "^|"
-             done 2>&1 | tee "$OUT/threads.txt" ;;
-    threads_speed) mkdir -p "$BENCH_DIR"
-                   for who in worker caller; do
-                     echo "-- EXPERTLORA_CPU_EXPERTS_THREAD=$who"
-                     EXPERTLORA_CPU_EXPERTS_THREAD=$who timeout 270 python3 scripts/engine_speed.py --layers 2 --shares 0 --concurrency 8,32 \
-                       --new-tokens 24 --polls "300,0" --workdir "$BENCH_DIR/2layers" 2>&1
-                   done | tee "$OUT/threads_speed.txt" ;;
-    *) echo "usage: $0 [tests] [speed] [threads] [threads_speed]" >&2; exit 2 ;;
+    *) echo "usage: $0 [tests] [speed]" >&2; exit 2 ;;
   esac
 done

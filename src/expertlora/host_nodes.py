@@ -89,15 +89,6 @@ def launch_host(stream: torch.cuda.Stream, action: str, semaphore: Semaphore) ->
         raise RuntimeError(f"cuLaunchHostFunc failed with CUDA error {status}")
 
 
-def driver_version() -> int | None:
-    """The CUDA driver's version (1000 * major + 10 * minor), or None without a driver."""
-    driver = _driver()
-    if isinstance(driver, HostNodesUnavailable):
-        return None
-    version = ctypes.c_int(0)
-    return version.value if driver.cuDriverGetVersion(ctypes.byref(version)) == 0 else None
-
-
 def _require(result):
     if isinstance(result, HostNodesUnavailable):
         raise result
@@ -112,8 +103,6 @@ def _driver():
         return HostNodesUnavailable(f"the CUDA driver library is not loadable: {e}")
     driver.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     driver.cuLaunchHostFunc.restype = ctypes.c_int
-    driver.cuDriverGetVersion.argtypes = [ctypes.POINTER(ctypes.c_int)]
-    driver.cuDriverGetVersion.restype = ctypes.c_int
     return driver
 
 

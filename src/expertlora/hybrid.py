@@ -17,17 +17,6 @@ forces either.
 Layers with all experts on one side skip the other. Without a GPU device the same code runs
 with both parts on the CPU (CI checks the split that way).
 
-With EXPERTLORA_CPU_EXPERTS_THREAD=caller (``on_caller``) the CPU experts always run on the
-calling thread: for batches of WORKER_TOKENS the worker launches the GPU part instead (on the
-caller's stream), and a replayed graph's host calls are served by the thread that replays it
-(hybrid_graph.py). Then one OpenMP pool does all the CPU experts' work: every thread that runs
-parallel work gets a pool of its own, and with more pooled threads than cores libgomp stops
-spinning between parallel regions, so each region waits for its threads to wake (BENCHMARKS.md,
-OpenMP thread pools). It is not the default until measured on a GPU host: on the dev box, with a
-thread standing in for the stream, the caller saved 0.09 ms a replayed layer call with one CPU
-thread, and cost 0.5 ms a call with the OpenMP team on every core, whose spinning kept the
-stream's thread off the CPU (benchmarks/graph_host_calls.py).
-
 With GPU prefill on (``gpu_prefill_threshold``, gpu_prefill.py), a forward of at least that many
 tokens runs the CPU experts on the GPU too, their weights copied there layer by layer, and the
 CPU engine sits it out.
@@ -35,8 +24,6 @@ CPU engine sits it out.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,7 +32,7 @@ import torch
 from .engine import MoELoRAEngine, available_cores
 from .experts import ExpertWeights
 from .gpu import GpuMoELoRA
-from .hybrid_graph import GraphCpuPart, replay_returns_at_once
+from .hybrid_graph import GraphCpuPart
 from .gpu_prefill import GpuPrefill
 from .lora import ExpertLoRA
 
@@ -59,9 +46,8 @@ class HybridMoE:
     """The engine API of MoELoRAEngine, over a CPU engine and a GPU backend sharing one set of
     adapter slots."""
 
-    def __init__(self, cpu: MoELoRAEngine, gpu: GpuMoELoRA, worker: bool | None = None, on_caller: bool | None = None):
-        """``cpu`` holds, per layer, exactly the experts ``gpu`` does not (see ``build``).
-        ``on_caller``: the CPU experts run on the calling thread (None: EXPERTLORA_CPU_EXPERTS_THREAD)."""
+    def __init__(self, cpu: MoELoRAEngine, gpu: GpuMoELoRA, worker: bool | None = None):
+        """``cpu`` holds, per layer, exactly the experts ``gpu`` does not (see ``build``)."""
         E = cpu.slots.shape[0]
         for L, g in gpu.layers.items():
             held = cpu.slots.experts.get(L, torch.arange(E))
@@ -71,7 +57,6 @@ class HybridMoE:
         self.cpu, self.gpu, self.slots = cpu, gpu, cpu.slots
         self.layers = cpu.layers
         self.worker = worker  # None: for batches of WORKER_TOKENS
-        self.on_caller = cpu_experts_on_caller() if on_caller is None else on_caller
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts") if worker is not False else None
         self._host: dict[str, torch.Tensor] = {}  # pinned staging buffers, grown as needed
         self.graph_part: GraphCpuPart | None = None  # set by enable_graphs()
@@ -138,7 +123,7 @@ class HybridMoE:
             return "CUDA graphs need the GPU experts in bf16 on a CUDA device"
         reason = host_nodes_available()
         if reason is None and self.graph_part is None:
-            self.graph_part = GraphCpuPart(self._run_host_call, on_launcher=self.on_caller and replay_returns_at_once())
+            self.graph_part = GraphCpuPart(self._run_host_call)
         return reason
 
     def _run_host_call(self, call) -> torch.Tensor:
@@ -181,10 +166,9 @@ class HybridMoE:
         graphs = self.graph_part
         in_graph = graphs is not None and on_gpu < E and (graphs.preparing or torch.cuda.is_current_stream_capturing())
 
-        def gpu_part(stream=None):
-            """The resident experts' part, queued on ``stream`` (None: the current one)."""
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                return self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device))
+        def gpu_part():
+            """The resident experts' part, queued on the current stream."""
+            return self.gpu.forward(layer, x, topk_ids, topk_weights, self._on_device(token_slots, x.device))
 
         if in_graph:  # a step as one CUDA graph (hybrid_graph.py), whatever its size: never GPU prefill
             if graphs.preparing:
@@ -199,14 +183,6 @@ class HybridMoE:
             return gpu_part().to(x.dtype)
         cpu_part = self._cpu_part(layer, x, topk_ids, topk_weights, token_slots)
         if self.worker or (self.worker is None and x.shape[0] in WORKER_TOKENS):
-            if self.on_caller and x.is_cuda:  # the worker launches the GPU part; the CPU experts stay here
-                launched = self._worker.submit(gpu_part, torch.cuda.current_stream())
-                try:
-                    y_cpu = cpu_part()
-                finally:  # the GPU part is queued before anything else goes on the stream
-                    y = launched.result()
-                y += y_cpu.to(x.device, non_blocking=True)
-                return y.to(x.dtype)
             cpu_part = self._worker.submit(cpu_part).result
         y = gpu_part()
         y += cpu_part().to(x.device, non_blocking=True)
@@ -269,11 +245,3 @@ class HybridMoE:
             buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=torch.cuda.is_available())
             self._host[name] = buf
         return buf[:numel].view(shape)
-
-
-def cpu_experts_on_caller() -> bool:
-    """EXPERTLORA_CPU_EXPERTS_THREAD: "worker" (the default) or "caller" (see the module docstring)."""
-    env = os.environ.get("EXPERTLORA_CPU_EXPERTS_THREAD", "").strip() or "worker"
-    if env not in ("worker", "caller"):
-        raise ValueError(f"EXPERTLORA_CPU_EXPERTS_THREAD: expected worker or caller, found {env[:40]!r}")
-    return env == "caller"

@@ -14,11 +14,6 @@ worker thread serves its calls: it waits for each call's ``ready``, runs it, pos
 order they were captured. A failure in the CPU part still posts ``done`` (the stream never hangs)
 and is raised in the caller once the step is over.
 
-With ``on_launcher`` the replaying thread serves the calls itself, between the launch and its
-wait for the stream: no hand-off between threads and no second OpenMP pool (hybrid.py,
-EXPERTLORA_CPU_EXPERTS_THREAD=caller). That needs a replay that returns at once
-(``replay_returns_at_once``).
-
 The pinned buffers are allocated in ``prepare`` mode, by the eager warm-up steps that come before
 a capture (allocating while capturing is not allowed), one set per (layer, batch shape).
 """
@@ -32,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .host_nodes import Semaphore, driver_version, launch_host, set_spin
+from .host_nodes import Semaphore, launch_host, set_spin
 
 # How long the worker waits for a call's inputs before it reports the replay as lost.
 READY_TIMEOUT_S = 60.0
@@ -56,22 +51,18 @@ class HostCall:
 
 
 class GraphCpuPart:
-    """Captured CPU parts, and what serves them when their graph replays (a worker thread, or
-    the replaying thread: ``on_launcher``)."""
+    """Captured CPU parts and the worker thread that runs them when their graph replays."""
 
-    def __init__(self, run: Callable[[HostCall], torch.Tensor], on_launcher: bool = False):
-        """``run(call)``: the CPU engine on a call's buffers, giving its [T, H] result.
-        ``on_launcher``: the replaying thread serves the calls, not a worker thread."""
+    def __init__(self, run: Callable[[HostCall], torch.Tensor]):
+        """``run(call)``: the CPU engine on a call's buffers, giving its [T, H] result."""
         self._run = run
         set_spin(POLL_READY_US, 0)
         self._buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self.preparing = False  # set around the eager steps before a capture: they allocate the buffers
         self.captured: list[HostCall] = []  # the calls of the capture in progress
-        self.on_launcher = on_launcher
-        if not self.on_launcher:
-            self._todo: queue.SimpleQueue = queue.SimpleQueue()
-            self._results: queue.SimpleQueue = queue.SimpleQueue()
-            threading.Thread(target=self._work, name="expertlora-graph-cpu-experts", daemon=True).start()
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._work, name="expertlora-graph-cpu-experts", daemon=True).start()
 
     def prepare(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Allocate the pinned buffers a capture of this call will use (eager, before capture)."""
@@ -112,9 +103,9 @@ class GraphCpuPart:
         return calls
 
     def replay(self, calls: list[HostCall], graph: torch.cuda.CUDAGraph) -> None:
-        """Replay ``graph``, running its ``calls``; returns when the step is done (the stream
-        synchronised); raises what the CPU part raised."""
-        # synchronize() releases the GIL while it waits: a worker runs Python too
+        """Replay ``graph`` with the worker running ``calls``; returns when the step is done
+        (the stream synchronised); raises what the CPU part raised."""
+        # synchronize() releases the GIL while it waits: the worker runs Python too
         self.run_replay(calls, graph.replay, torch.cuda.current_stream().synchronize)
 
     def run_replay(self, calls: list[HostCall], start: Callable[[], None], finish: Callable[[], None]) -> None:
@@ -124,15 +115,10 @@ class GraphCpuPart:
             start()
             finish()
             return
-        if self.on_launcher:
-            start()
-            error = self._serve(calls)
-            finish()
-        else:
-            self._todo.put(calls)
-            start()
-            finish()
-            error = self._results.get()
+        self._todo.put(calls)
+        start()
+        finish()
+        error = self._results.get()
         if error is not None:
             raise RuntimeError(f"the CPU experts failed in a replayed step: {error}") from error
 
@@ -155,11 +141,3 @@ class GraphCpuPart:
     def _work(self) -> None:
         while True:
             self._results.put(self._serve(self._todo.get()))
-
-
-def replay_returns_at_once() -> bool:
-    """Whether ``CUDAGraph.replay()`` returns without waiting for the device, as serving the host
-    calls on the launching thread needs: torch synchronises the device after the launch where the
-    CUDA driver is older than 11.4, which would wait for a host call nobody serves."""
-    version = driver_version()
-    return version is not None and version >= 11040
