@@ -233,7 +233,11 @@ def test_load_and_unload_at_runtime(served, client):
     assert r.status_code == 200 and r.json()["loaded_adapters"] == ["alpha"]
     refused(lambda: complete(client, "beta", prompt, 4), 404, "'beta' does not exist", "model")
     r = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "beta"}, timeout=60)
-    assert r.status_code == 404 and "no adapter named 'beta'" in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert r.status_code == 404 and "no adapter named 'beta'" in error["message"] and error["param"] == "lora_name", r.text
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "tiny"}, timeout=60)  # the base model's served name
+    assert r.status_code == 400 and "base model's served name" in r.json()["error"]["message"], r.text
+    assert client.models.list().data[0].id == "tiny"
 
 
 def test_adapter_dirs_confine_runtime_loads(served, tmp_path):
@@ -302,9 +306,11 @@ def test_bad_requests_are_400(served, client):
     ]
     for call, message, param in cases:
         refused(call, 400, message, param)
-    for body, message in ((b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b"[" * 100_000 + b"]" * 100_000, "body")):
+    for body, message, code in ((b"{not json", "not valid JSON", "invalid_json"), (b"[1, 2]", "JSON object", "invalid_value"),
+                                (b"[" * 100_000 + b"]" * 100_000, "not valid JSON", "invalid_json")):
         r = httpx.post(f"{served.url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
-        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        error = r.json()["error"]
+        assert r.status_code == 400 and message in error["message"] and error["code"] == code, r.text
 
 
 def test_not_found_is_404(served, client):

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..runtime import RequestHandle
 from ..runtime.adapters import check_name
+from ..runtime.errors import UnknownAdapter
 from .auth import require_api_key
 from .errors import ENGINE_ERRORS, APIError, from_engine
 from .responses import DONE, Answer
@@ -180,7 +181,13 @@ def _load_error(e: Exception, state: ServerState) -> APIError:
 @guarded.post("/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadAdapterRequest, request: Request):
     state = _state(request)
-    await asyncio.get_running_loop().run_in_executor(state.adapter_ops, state.engine.unload_adapter, body.lora_name)
+    if body.lora_name == state.served_name:
+        raise APIError(400, f"lora_name: {body.lora_name!r} is the base model's served name, not an adapter; it cannot be unloaded",
+                       "lora_name", "invalid_value")
+    try:
+        await asyncio.get_running_loop().run_in_executor(state.adapter_ops, state.engine.unload_adapter, body.lora_name)
+    except UnknownAdapter as e:  # the field is lora_name here, not a request's model
+        raise APIError(404, f"lora_name: {e}", "lora_name", "adapter_not_found") from None
     return {"success": True, "message": f"adapter {body.lora_name!r} unloaded", "lora_name": body.lora_name,
             "loaded_adapters": state.engine.adapter_names}
 
