@@ -48,6 +48,9 @@ def test_bad_inputs(tmp_path, model_dir, fused_adapter):
         (("--model", mixtral, "--prompt-ids", "1,2", "--gpu-experts", "99"), "--gpu-experts 99: expected 0 to"),
         (("--model", mixtral, "--prompt-ids", "1,2", "--gpu-experts", "1", "--gpu-experts-ratio", "0.5"), "not both"),
         (("--model", mixtral, "--prompt-ids", "1,2", "--device", "tpu"), "--device 'tpu': expected cpu or cuda"),
+        (("--model", mixtral, "--prompt-ids", "1,2", "--gpu-prefill-threshold", "16"), "GPU prefill needs --device cuda"),
+        (("--model", mixtral, "--prompt-ids", "1,2", "--adapter", f"a={qwen_adapter}", "--adapter", f"a={qwen_adapter}"),
+         "the name 'a' is given twice"),
     ]
     if not torch.cuda.is_available():
         cases.append((("--model", mixtral, "--prompt-ids", "1,2", "--device", "cuda"), "no CUDA GPU"))

@@ -620,7 +620,7 @@ def test_serve_command_bad_options(served, tmp_path):
         ([*model, "--adapter-dir", str(tmp_path / "nope")], 2, "adapter_dirs: .*nope: expected an existing folder"),
         ([*model[:-2], "70000"], 2, r"port: expected an integer >= 0 and <= 65535"),
         ([*model, "--served-model-name", "a", "--adapter", f"a={alpha}"], 2, "the base model's served name"),
-        ([*model, "--adapter", f"a={alpha}", "--adapter", f"a={alpha}"], 2, "two adapters share a name"),
+        ([*model, "--adapter", f"a={alpha}", "--adapter", f"a={alpha}"], 2, "the name 'a' is given twice"),
         ([*model, "--adapter", f"a={alpha}", "--kt-moe-lora-rank", "3"], 2, "expected rank 3 .*found 4"),
         ([*model, "--max-num-seqs", "0"], 2, "max_num_seqs"),
         ([*model[:-2], str(taken.getsockname()[1])], 1, "127.0.0.1:.*(in use|Address)"),

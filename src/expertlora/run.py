@@ -141,6 +141,17 @@ def parse_adapter_option(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def parse_adapter_options(values: list[str]) -> list[tuple[str, Path]]:
+    """Every ``--adapter`` option, parsed; two with one name are refused, naming it."""
+    named = [parse_adapter_option(v) for v in values]
+    seen: set[str] = set()
+    for name, _ in named:
+        if name in seen:
+            raise ValueError(f"--adapter: the name {name!r} is given twice; give each adapter its own (NAME=PATH)")
+        seen.add(name)
+    return named
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """The model options of ``expertlora run`` / ``profile``, as their flags give them; every one
@@ -233,6 +244,8 @@ def load_placed(model_dir: Path, method: str, dtype: str, adapters: dict, masks,
     from .gpu_prefill import threshold_for
     from .integration import load_model
 
+    if gpu_prefill_threshold and device == "cpu":
+        raise ValueError(f"--gpu-prefill-threshold {gpu_prefill_threshold}: GPU prefill needs --device cuda")
     cpu_experts = masks is None or not all(bool(m.all()) for m in masks.values())
     prefill = threshold_for(gpu_prefill_threshold, method, device, cpu_experts)
     return load_model(model_dir, method, DTYPES[dtype], adapters, threads=threads, group_size=group_size, progress=progress,
@@ -241,9 +254,7 @@ def load_placed(model_dir: Path, method: str, dtype: str, adapters: dict, masks,
 
 def adapter_choice(adapter_options: list[str], use: str | None) -> tuple[dict[str, Path], str | None]:
     """The ``--adapter`` options by name, and the one ``--use`` picks (None: none)."""
-    named = dict(parse_adapter_option(a) for a in adapter_options)
-    if len(named) != len(adapter_options):
-        raise ValueError("--adapter: two adapters share a name; name them NAME=PATH")
+    named = dict(parse_adapter_options(adapter_options))
     chosen = next(iter(named), None) if use is None else (None if use.lower() == "none" else use)
     if chosen is not None and chosen not in named:
         raise ValueError(f"--use {use!r}: expected none or one of the --adapter names ({', '.join(named) or 'none given'})")

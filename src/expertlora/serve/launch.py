@@ -71,13 +71,11 @@ def serve(
 
 
 def _configs(model, adapters, served_model_name, host, port, api_key, adapter_dirs, max_body_bytes, shutdown_timeout, engine_options):
-    from ..run import parse_adapter_option
+    from ..run import parse_adapter_options
     from ..runtime import EngineConfig
     from .config import ServeConfig
 
-    named = [parse_adapter_option(a) for a in adapters]
-    if len({n for n, _ in named}) != len(named):
-        raise ValueError("--adapter: two adapters share a name; name them NAME=PATH")
+    named = parse_adapter_options(adapters)
     serve_config = ServeConfig(served_model_name=served_model_name, host=host, port=port, api_key=api_key or None,
                                adapter_dirs=tuple(adapter_dirs), max_body_bytes=max_body_bytes, shutdown_timeout=shutdown_timeout)
     engine_config = EngineConfig(model, adapters=tuple(named), **engine_options)
