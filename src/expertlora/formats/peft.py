@@ -239,7 +239,7 @@ class PeftFusedReader(AdapterReader):
         if base is None and config.base_model and _is_local_model(config.base_model):
             base = MoEConfig.from_model_dir(config.base_model)
         if base is None:
-            raise AdapterError(path, None, "the base model's config to know num_experts of a fused adapter (pass --base MODEL_DIR)", None)
+            raise AdapterError(path, None, "a fused adapter's num_experts comes from the base model's config: pass --base MODEL_DIR", None)
         E = base.num_experts
         # (layer) -> param -> (A key, B key); and the raw observations for the orientation decision.
         self.params: dict[int, dict[str, tuple[str, str, str]]] = {}
