@@ -302,6 +302,7 @@ def test_bad_requests_are_400(served, client):
         (lambda: chat(model="tiny", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], max_tokens=4),
          "messages.0.content: only text parts .* found 'image_url'", "messages.0.content"),
         (lambda: chat(model="tiny", messages=msgs, max_tokens=4, max_completion_tokens=5), "differs from max_tokens", "max_completion_tokens"),
+        (lambda: chat(model="tiny", messages=msgs, max_completion_tokens=0), "max_completion_tokens: expected an integer >= 1", "max_completion_tokens"),
         (lambda: chat(model="tiny", messages=msgs, max_tokens=4, tools=[{"type": "function", "function": {"name": "f"}}]), "tools: not supported", "tools"),
     ]
     for call, message, param in cases:

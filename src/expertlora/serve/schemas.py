@@ -78,7 +78,10 @@ class _Generation(_Body):
                 seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             )
         except ValueError as e:  # SamplingParams names the field first: "top_p: expected ..."
-            raise APIError(400, str(e), str(e).split(":", 1)[0], "invalid_value") from None
+            message, field = str(e), str(e).split(":", 1)[0]
+            if field == "max_tokens" and self.max_tokens is None:  # the value came as a chat request's max_completion_tokens
+                message, field = "max_completion_tokens" + message.removeprefix("max_tokens"), "max_completion_tokens"
+            raise APIError(400, message, field, "invalid_value") from None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
