@@ -28,6 +28,7 @@ from e2e import RANK, checkpoint  # noqa: E402
 from serving import ExpertCounter  # noqa: E402
 
 from expertlora.host_nodes import Semaphore  # noqa: E402
+from expertlora.hybrid_graph import GraphCpuPart  # noqa: E402
 from expertlora.runtime import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 
@@ -50,7 +51,7 @@ class StepClock:
         engine._step = self._timed(engine._step, self.steps)
         engine.runner.run = self._timed(engine.runner.run, self.runs)
         part = engine.runner._part
-        if part is not None:
+        if isinstance(part, GraphCpuPart):  # (KernelHostCalls' host nodes run no Python to time)
             part._run = self._timed(part._run, self.parts)
             # only the host-call servers wait on a Semaphore from Python (the stream waits in C)
             Semaphore.wait = lambda sem, timeout_s, _w=self._timed(READY_WAIT, self.waits): _w(sem, timeout_s)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from expertlora.host_nodes import HostNodesUnavailable, Semaphore, _library, set_spin
-from expertlora.hybrid_graph import GraphCpuPart, HostCall
+from expertlora.hybrid_graph import GraphCpuPart, HostCall, KernelHostCalls, host_calls_in_kernel
 
 from .conftest import FAMILIES
 
@@ -205,6 +205,8 @@ def test_greedy_decode_hybrid_graph_equals_eager(ratio, model_dir, fused_adapter
 def test_cpu_failure_in_a_replayed_step_is_an_error(model_dir):
     from expertlora.runtime import Engine, EngineConfig, SamplingParams
 
+    if host_calls_in_kernel():
+        pytest.skip("no Python in a replay to break: test_kernel_host_calls_in_a_replayed_layer injects the failure")
     config = EngineConfig(model_dir("qwen3_moe"), method="bf16", device="cuda", gpu_experts_ratio=0.5, max_num_seqs=2, max_model_len=32)
     with Engine(config) as e:
         p = [1, 2, 3]
@@ -224,3 +226,132 @@ def test_cpu_failure_in_a_replayed_step_is_an_error(model_dir):
             cpu.forward = saved
         assert out.finish_reason == "abort" and "injected CPU failure" in (out.error or "")
         assert e.generate([p], sampling=SamplingParams(max_tokens=4, ignore_eos=True))[0].finish_reason == "length"
+
+
+# -- the host node runs the compiled kernel itself (EXPERTLORA_GRAPH_HOST_CALLS=kernel) -------------
+
+def _kernel_engine():
+    from expertlora.engine import MoELoRAEngine
+    from expertlora.experts import ExpertWeights
+    from expertlora.kernels import KernelUnavailable, cpu_kernel
+    from expertlora.tiny import random_expert_lora
+
+    try:
+        cpu_kernel()
+    except KernelUnavailable as e:
+        pytest.skip(f"the compiled kernel does not build here: {e}")
+    E, H, I = 6, 64, 32
+    g = torch.Generator().manual_seed(5)
+    gate, up, down = (torch.randn(E, I, H, generator=g) / 8, torch.randn(E, I, H, generator=g) / 8, torch.randn(E, H, I, generator=g) / 6)
+    engine = MoELoRAEngine({0: ExpertWeights.from_tensors(gate, up, down, method="bf16")}, threads=2, kernel="compiled")
+    for name, seed in (("a", 1), ("b", 2)):
+        engine.load_adapter(name, random_expert_lora(E, H, I, [0], {"gate": 4, "up": 2, "down": 8}, seed=seed))
+    engine.adapters_changed()
+    return engine
+
+
+def _buffers(engine, T: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    E, H = engine.slots.shape[0], engine.layers[0].hidden_size
+    x = torch.randn(T, H, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    ids[0, 0] = -1  # a pair another backend runs: skipped
+    weights = torch.rand(T, k, generator=g) + 0.1
+    slots = torch.tensor([(0, -1, 1)[t % 3] for t in range(T)])
+    return x, ids, weights, slots, torch.randn(T, H, generator=g).bfloat16()  # the output buffer: stale values, never NaN
+
+
+def test_kernel_host_call_is_the_engine_forward():
+    """The record's host function, called as CUDA calls it (a C function pointer, no Python in
+    between), writes the layer's forward into its output buffer: the same kernel, the same bits."""
+    from expertlora.engine import KernelHostCall
+
+    engine = _kernel_engine()
+    x, ids, weights, slots, out = _buffers(engine, 7, 3, seed=3)
+    call = engine.host_call(0, x, ids, weights, slots, out)
+    HOST_FN(KernelHostCall.function())(call.address)
+    assert call.take_error() == ""
+    assert torch.equal(out, engine.forward(0, x, ids, weights, slots))
+    x.copy_(torch.randn_like(x, dtype=torch.float32).bfloat16())  # new inputs in the same buffers: the next replay's
+    call.run()
+    assert torch.equal(out, engine.forward(0, x, ids, weights, slots))
+
+
+def test_kernel_host_call_keeps_its_error_for_the_caller():
+    engine = _kernel_engine()
+    x, ids, weights, slots, out = _buffers(engine, 4, 2, seed=4)
+    before = out.clone()
+    call = engine.host_call(0, x, ids, weights, slots, out)
+    slots[1] = 9  # no such adapter slot: the kernel refuses, the host function must not throw
+    call.run()
+    error = call.take_error()
+    assert "token_slots: slot 9" in error and "Exception raised from" not in error, error
+    assert call.take_error() == "" and torch.equal(out, before)
+    slots[1] = -1
+    call.run()
+    assert call.take_error() == "" and torch.equal(out, engine.forward(0, x, ids, weights, slots))
+
+
+def test_kernel_host_call_buffers_are_checked():
+    engine = _kernel_engine()
+    x, ids, weights, slots, out = _buffers(engine, 4, 2, seed=5)
+    for bad in ((x.float(), ids, weights, slots, out), (x, ids.int(), weights, slots, out), (x, ids, weights[:, :1], slots, out),
+                (x, ids, weights, slots[:2], out), (x, ids.t().contiguous().t(), weights, slots, out)):
+        with pytest.raises(ValueError, match="host call buffers: expected contiguous"):
+            engine.host_call(0, *bad)
+
+
+def test_host_calls_choice_from_the_environment(monkeypatch):
+    for value, kernel in (("", False), ("worker", False), ("kernel", True), (" kernel ", True)):
+        monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", value)
+        assert host_calls_in_kernel() is kernel, value
+    monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", "python\n" * 20)
+    with pytest.raises(ValueError, match="EXPERTLORA_GRAPH_HOST_CALLS: expected worker or kernel") as e:
+        host_calls_in_kernel()
+    assert len(str(e.value)) < 120
+
+
+@cuda
+@pytest.mark.parametrize("on_gpu", [0, 3])
+def test_kernel_host_calls_in_a_replayed_layer(on_gpu, monkeypatch):
+    """A hybrid layer captured with KernelHostCalls replays as its eager call computes (GPU
+    experts on the forked stream or none), and a failure in the host node is raised after the
+    step, the next replay working again."""
+    from expertlora.hybrid import HybridMoE
+    from expertlora.tiny import random_expert_lora
+
+    monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", "kernel")
+    E, H, I, k, T = 8, 64, 32, 2, 4
+    g = torch.Generator().manual_seed(6)
+    gate_up, down = torch.randn(E, 2 * I, H, generator=g) / 8, torch.randn(E, H, I, generator=g) / 6
+    mask = torch.zeros(E, dtype=torch.bool)
+    mask[:on_gpu] = True
+    hybrid = HybridMoE.build([(0, gate_up, down)], {0: mask}, "bf16", device="cuda", threads=2)
+    hybrid.load_adapter("a", random_expert_lora(E, H, I, [0], {"gate": 4, "up": 4, "down": 4}, seed=7))
+    hybrid.adapters_changed()
+    assert hybrid.graphs_ready() and isinstance(hybrid.graph_part, KernelHostCalls)
+    x = torch.randn(T, H, generator=g).bfloat16().cuda()
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).cuda()
+    weights = (torch.rand(T, k, generator=g) + 0.1).cuda()
+    slots = torch.tensor([0, -1, 0, 0]).cuda()
+    eager = hybrid.forward(0, x, ids, weights, slots.cpu())
+    part = hybrid.graph_part
+    part.preparing = True
+    hybrid.forward(0, x, ids, weights, slots)
+    part.preparing = False
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        y = hybrid.forward(0, x, ids, weights, slots)
+    calls = part.take_captured()
+    assert len(calls) == 1
+    part.replay(calls, graph)
+    assert (y.float() - eager.float()).norm() <= 1e-2 * eager.float().norm()
+    slots.fill_(5)  # no such slot
+    with pytest.raises(RuntimeError, match="CPU experts failed in a replayed step: token_slots: slot 5"):
+        part.replay(calls, graph)
+    slots.fill_(0)
+    part.replay(calls, graph)
+    expected = hybrid.forward(0, x, ids, weights, slots.cpu())
+    assert (y.float() - expected.float()).norm() <= 1e-2 * expected.float().norm()

@@ -24,6 +24,7 @@ from .kernels import (
     amx_from,
     cpu_kernel,
     has_amx,
+    kernel_ops,
     warn_unavailable,
 )
 from .lora import ExpertLoRA
@@ -138,6 +139,27 @@ class MoELoRAEngine:
             )
         return y.to(x.dtype)
 
+    def host_call(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, token_slots: torch.Tensor,
+                  out: torch.Tensor) -> KernelHostCall:
+        """``layer``'s forward on these host buffers into ``out``, as a record a CUDA host function
+        runs (``KernelHostCall.function()``) with no Python: x in the activation dtype, ids int64, weights
+        float32, token_slots int64, all contiguous [T, ...], out [T, H]. The kernel path alone
+        (never oneDNN's), with the adapters loaded now."""
+        if self._kernel is None:
+            raise KernelUnavailable("host calls need the compiled CPU kernel")
+        weights_of = self.layers[layer]
+        T = x.shape[0]
+        expected = ((x, self.act_dtype, (T, weights_of.hidden_size)), (ids, torch.int64, (T, ids.shape[1])),
+                    (weights, torch.float32, tuple(ids.shape)), (token_slots, torch.int64, (T,)), (out, out.dtype, (T, weights_of.hidden_size)))
+        for t, dtype, shape in expected:
+            if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"host call buffers: expected contiguous {dtype} {list(shape)} on the CPU, found {t.dtype} {list(t.shape)}")
+        return KernelHostCall(
+            x, ids, weights, token_slots, out, weights_of.gate_up.data, weights_of.gate_up.scale, weights_of.down.data,
+            weights_of.down.scale, METHOD_CODES[self.method], *weights_of.group_sizes, *self.slots.kernel_args(layer),
+            threads=self.threads, amx_from=self.amx_from,
+        )
+
     def _onednn(self, topk_ids: torch.Tensor, num_experts: int) -> bool:
         """Large bf16 batches, AMX tiles off: oneDNN's AMX matmuls beat the kernel's AVX-512 dot products."""
         return self.onednn_from is not None and topk_ids.numel() / max(num_experts, 1) >= self.onednn_from
@@ -159,6 +181,37 @@ class MoELoRAEngine:
         if bad:
             loaded = ", ".join(f"{n}={self.slots.index(n)}" for n in self.slots.names) or "none"
             raise ValueError(f"token_slots: slot {bad[0]} holds no adapter (loaded: {loaded})")
+
+
+class KernelHostCall:
+    """One layer call of the compiled kernel on fixed host buffers (csrc HostCall), for a CUDA
+    host function: ``function()(address)`` runs it, storing any error instead of raising; the
+    caller reads it with ``take_error`` once the stream is done. Freed with this object."""
+
+    def __init__(self, x, ids, weights, token_slots, out, w_gu, s_gu, w_d, s_d, method: int, group_gu: int, group_d: int,
+                 a_gu, bt_g, bt_u, a_d, bt_d, *, threads: int, amx_from: int):
+        self._ops = kernel_ops()  # the record holds the tensors (references counted): they live as long as it does
+        self.address = self._ops.host_call_new(x, ids, weights, token_slots, out, w_gu, s_gu, w_d, s_d, method, group_gu, group_d,
+                                               threads, amx_from)
+        self._ops.host_call_set_lora(self.address, a_gu, bt_g, bt_u, a_d, bt_d)
+
+    @staticmethod
+    def function() -> int:
+        """The host function's address (``void f(void* address)``, cuLaunchHostFunc's kind)."""
+        return kernel_ops().host_call_function()
+
+    def run(self) -> None:
+        """What the host function does, called from here (tests; no stream)."""
+        self._ops.host_call_run(self.address)
+
+    def take_error(self) -> str:
+        """The last run's error ("" if none), cleared."""
+        return self._ops.host_call_take_error(self.address)
+
+    def __del__(self):
+        address = getattr(self, "address", 0)
+        if address:
+            self._ops.host_call_free(address)
 
 
 def available_cores() -> int:

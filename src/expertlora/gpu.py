@@ -104,6 +104,7 @@ class GpuMoELoRA:
         self.graphs = self.device.type == "cuda" and dtype == torch.bfloat16 and _has_grouped_mm("cuda", dtype)
         self._graphs: dict[tuple, _Graph] = {}
         self._graph_pool = None
+        self._elsewhere_here: dict[int, torch.Tensor] = {}  # layer -> its elsewhere table on the device
 
     def add_layer(
         self,
@@ -122,6 +123,7 @@ class GpuMoELoRA:
         group[resident] = torch.arange(len(resident))
         elsewhere = torch.full((E + 1,), -1, dtype=torch.int64)
         elsewhere[(~mask).nonzero().squeeze(1)] = torch.arange(E - len(resident))
+        self._elsewhere_here.pop(layer, None)
         self.layers[layer] = GpuLayer(
             group.to(self.device), elsewhere, resident,
             gate_up.index_select(0, resident).to(self.device, self.dtype).contiguous(),
@@ -138,10 +140,17 @@ class GpuMoELoRA:
         return len(self.layers[layer].resident)
 
     def elsewhere(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """[T, k] host ids -> the pairs this backend does not run, as indices among the experts
-        it does not hold (the CPU engine holds just those, in id order); -1 for the pairs it runs."""
+        """[T, k] ids -> the pairs this backend does not run, as indices among the experts it
+        does not hold (the CPU engine holds just those, in id order); -1 for the pairs it runs.
+        Ids on the device are mapped there (the table is copied on first use: eagerly, not
+        while a graph is captured)."""
         g = self.layers[layer]
-        return g.elsewhere[_group_ids(topk_ids, g)]
+        table = g.elsewhere
+        if topk_ids.device != table.device:
+            table = self._elsewhere_here.get(layer)
+            if table is None:
+                table = self._elsewhere_here[layer] = g.elsewhere.to(topk_ids.device)
+        return table[_group_ids(topk_ids, g)]
 
     def forward(
         self,

@@ -81,10 +81,16 @@ def set_spin(ready_us: int, done_us: int) -> None:
 def launch_host(stream: torch.cuda.Stream, action: str, semaphore: Semaphore) -> None:
     """Enqueue on ``stream`` a host function that posts (``"post"``) or waits on (``"wait"``)
     ``semaphore``; during stream capture this records a host node of the graph."""
-    lib, driver = _require(_library()), _require(_driver())
+    lib = _require(_library())
     fn = {"post": lib.el_post, "wait": lib.el_wait}[action]
-    status = driver.cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), ctypes.cast(fn, ctypes.c_void_p),
-                                     ctypes.c_void_p(semaphore.address))
+    launch_host_function(stream, ctypes.cast(fn, ctypes.c_void_p).value, semaphore.address)
+
+
+def launch_host_function(stream: torch.cuda.Stream, function: int, argument: int) -> None:
+    """Enqueue on ``stream`` the host function at address ``function`` (``void f(void*)``, which
+    must not call CUDA), called with ``argument``; captured as a host node."""
+    driver = _require(_driver())
+    status = driver.cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), ctypes.c_void_p(function), ctypes.c_void_p(argument))
     if status != 0:
         raise RuntimeError(f"cuLaunchHostFunc failed with CUDA error {status}")
 

@@ -32,7 +32,7 @@ import torch
 from .engine import MoELoRAEngine, available_cores
 from .experts import ExpertWeights
 from .gpu import GpuMoELoRA
-from .hybrid_graph import GraphCpuPart
+from .hybrid_graph import GraphCpuPart, KernelHostCalls, host_calls_in_kernel
 from .gpu_prefill import GpuPrefill
 from .lora import ExpertLoRA
 
@@ -59,7 +59,7 @@ class HybridMoE:
         self.worker = worker  # None: for batches of WORKER_TOKENS
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="expertlora-cpu-experts") if worker is not False else None
         self._host: dict[str, torch.Tensor] = {}  # pinned staging buffers, grown as needed
-        self.graph_part: GraphCpuPart | None = None  # set by enable_graphs()
+        self.graph_part: GraphCpuPart | KernelHostCalls | None = None  # set by enable_graphs()
         self._slots_source = self._slots_device = None
         self.prefill: GpuPrefill | None = None  # set by enable_gpu_prefill
 
@@ -123,13 +123,21 @@ class HybridMoE:
             return "CUDA graphs need the GPU experts in bf16 on a CUDA device"
         reason = host_nodes_available()
         if reason is None and self.graph_part is None:
-            self.graph_part = GraphCpuPart(self._run_host_call)
+            if host_calls_in_kernel():  # measured against the worker on a GPU host before it is the default
+                if self.cpu.kernel != "compiled":
+                    raise ValueError("EXPERTLORA_GRAPH_HOST_CALLS=kernel needs the compiled CPU kernel")
+                self.graph_part = KernelHostCalls(self.cpu, self._cpu_ids)
+            else:
+                self.graph_part = GraphCpuPart(self._run_host_call)
         return reason
+
+    def _cpu_ids(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
+        """The routed ids as the CPU engine's experts (-1: a GPU expert's pair), where ``ids`` are."""
+        return self.gpu.elsewhere(layer, ids) if self.gpu.num_resident(layer) else ids
 
     def _run_host_call(self, call) -> torch.Tensor:
         """A captured layer call's CPU part, on its pinned buffers (the graph worker's thread)."""
-        ids = self.gpu.elsewhere(call.layer, call.ids) if self.gpu.num_resident(call.layer) else call.ids
-        return self.cpu.forward(call.layer, call.x, ids, call.weights, call.slots)
+        return self.cpu.forward(call.layer, call.x, self._cpu_ids(call.layer, call.ids), call.weights, call.slots)
 
     def prepare_adapter(self, adapter: ExpertLoRA) -> dict:
         return self.cpu.prepare_adapter(adapter)
@@ -222,7 +230,7 @@ class HybridMoE:
             if copied is not None:
                 copied.synchronize()  # the host copies above have landed, not the GPU part queued after them
             # the CPU engine's expert indices, mapped here on the host: no launches on the GPU's thread
-            ids_cpu = self.gpu.elsewhere(layer, ids_h) if self.gpu.num_resident(layer) else ids_h
+            ids_cpu = self._cpu_ids(layer, ids_h)
             y = self.cpu.forward(layer, x_h, ids_cpu, w_h, token_slots)
             return y if out is None else out.copy_(y)
 

@@ -16,10 +16,21 @@ and is raised in the caller once the step is over.
 
 The pinned buffers are allocated in ``prepare`` mode, by the eager warm-up steps that come before
 a capture (allocating while capturing is not allowed), one set per (layer, batch shape).
+
+``KernelHostCalls`` (EXPERTLORA_GRAPH_HOST_CALLS=kernel, not the default until measured on a GPU
+host) has the same interface with no worker thread, no semaphores and no Python in a replay: the
+host node itself runs the compiled CPU kernel on the pinned buffers (engine.KernelHostCall), and
+the GPU experts run on a side stream forked in the capture, so they still overlap it:
+
+    fork: the side stream runs the GPU experts' kernels
+    map the ids to the CPU engine's experts (on the GPU), copy x, ids, weights, slots to pinned buffers
+    host node: the CPU kernel on those buffers, its result into a pinned buffer
+    copy the result to the GPU; join the side stream; add
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -27,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .host_nodes import Semaphore, launch_host, set_spin
+from .engine import KernelHostCall, MoELoRAEngine
+from .host_nodes import Semaphore, launch_host, launch_host_function, set_spin
 
 # How long the worker waits for a call's inputs before it reports the replay as lost.
 READY_TIMEOUT_S = 60.0
@@ -141,3 +153,79 @@ class GraphCpuPart:
     def _work(self) -> None:
         while True:
             self._results.put(self._serve(self._todo.get()))
+
+
+class KernelHostCalls:
+    """Captured CPU parts that the graph's host nodes run themselves (see the module docstring):
+    GraphCpuPart's interface, for ``engine``'s compiled kernel. ``cpu_ids(layer, ids)`` maps a
+    layer's routed ids to the CPU engine's experts on the GPU (called eagerly in prepare mode
+    first, so that what it needs is on the GPU before a capture)."""
+
+    def __init__(self, engine: MoELoRAEngine, cpu_ids: Callable[[int, torch.Tensor], torch.Tensor]):
+        self._engine = engine
+        self._cpu_ids = cpu_ids
+        self._function = KernelHostCall.function()
+        self._buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._side: torch.cuda.Stream | None = None  # the GPU experts' stream inside a capture
+        self.preparing = False
+        self.captured: list = []  # the KernelHostCall records of the capture in progress
+
+    def prepare(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        key = (layer, tuple(x.shape), tuple(ids.shape))
+        self._cpu_ids(layer, ids)
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=x.device)
+        if key not in self._buffers:
+            def pinned(shape, dtype):
+                return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+            T, k = ids.shape
+            self._buffers[key] = (pinned(x.shape, self._engine.act_dtype), pinned((T, k), torch.int64), pinned((T, k), torch.float32),
+                                  pinned((T,), torch.int64), pinned(x.shape, x.dtype), torch.full((T,), -1, dtype=torch.int64))
+
+    def capture(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                token_slots: torch.Tensor | None, gpu_part: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+        key = (layer, tuple(x.shape), tuple(ids.shape))
+        if key not in self._buffers:
+            raise RuntimeError(f"layer {layer}: no pinned buffers for {tuple(x.shape)}; run one eager step in prepare mode first")
+        x_h, ids_h, w_h, slots_h, out_h, no_slots = self._buffers[key]
+        stream = torch.cuda.current_stream()
+        self._side.wait_stream(stream)  # fork: the GPU experts need none of the host copies below
+        with torch.cuda.stream(self._side):
+            y = gpu_part()
+        # dtypes converted on the GPU: the copies to the host are plain
+        x_h.copy_(x.to(x_h.dtype), non_blocking=True)
+        ids_h.copy_(self._cpu_ids(layer, ids).long(), non_blocking=True)
+        w_h.copy_(weights.float(), non_blocking=True)
+        if token_slots is None:
+            slots = no_slots
+        elif token_slots.is_cuda:
+            slots = slots_h.copy_(token_slots.long(), non_blocking=True)
+        else:  # a host tensor the replays read as it is then
+            slots = token_slots
+        call = self._engine.host_call(layer, x_h, ids_h, w_h, slots, out_h)
+        launch_host_function(stream, self._function, call.address)
+        cpu = out_h.to(x.device, non_blocking=True)
+        stream.wait_stream(self._side)  # join
+        self.captured.append(call)
+        return cpu if y is None else y + cpu
+
+    def take_captured(self) -> list:
+        calls, self.captured = self.captured, []
+        return calls
+
+    def replay(self, calls: list, graph: torch.cuda.CUDAGraph) -> None:
+        """Replay ``graph``; returns when the step is done; raises what the CPU part raised."""
+        graph.replay()
+        torch.cuda.current_stream().synchronize()
+        errors = [e for e in (call.take_error() for call in calls) if e]
+        if errors:
+            raise RuntimeError(f"the CPU experts failed in a replayed step: {errors[0]}")
+
+
+def host_calls_in_kernel() -> bool:
+    """EXPERTLORA_GRAPH_HOST_CALLS: "worker" (the default: GraphCpuPart) or "kernel" (KernelHostCalls)."""
+    env = os.environ.get("EXPERTLORA_GRAPH_HOST_CALLS", "").strip() or "worker"
+    if env not in ("worker", "kernel"):
+        raise ValueError(f"EXPERTLORA_GRAPH_HOST_CALLS: expected worker or kernel, found {env[:40]!r}")
+    return env == "kernel"

@@ -46,6 +46,13 @@ def cpu_kernel(emulate_amx: bool = False):
     return result
 
 
+def kernel_ops(emulate_amx: bool = False):
+    """The compiled kernel's op namespace (``torch.ops.expertlora_cpu``: moe_lora and the host
+    calls of engine.HostCall); raises KernelUnavailable with the reason."""
+    cpu_kernel(emulate_amx)
+    return torch.ops.expertlora_cpu_emu if emulate_amx else torch.ops.expertlora_cpu
+
+
 def amx_from() -> int:
     """The engine's AMX threshold in tokens per expert: AMX_TOKENS_PER_EXPERT where the CPU has
     AMX-BF16, 0 (off) elsewhere; EXPERTLORA_AMX=0 turns it off, EXPERTLORA_AMX=N sets N."""

@@ -31,6 +31,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -796,6 +797,63 @@ at::Tensor moe_lora(const at::Tensor& x, const at::Tensor& topk_ids, const at::T
 #undef EXPERTLORA_FORWARD
 }
 
+// A layer call captured in a CUDA graph, whose CPU part a host function runs in the graph
+// (hybrid_graph.py, KernelHostCalls): the call's pinned buffers, the layer's weights, the
+// adapters' LoRA as at the capture, and the last error. The host function calls no CUDA and
+// needs no Python: the stream runs it once the buffers have landed and goes on when it returns.
+struct HostCall {
+  at::Tensor x, ids, weights, slots, out, w_gu, s_gu, w_d, s_d;
+  int64_t method, group_gu, group_d, threads, amx_from;
+  std::vector<at::Tensor> a_gu, bt_g, bt_u, a_d, bt_d;
+  std::string error;  // set by a failed run, read (and cleared) by the caller after the step
+
+  void run() noexcept {
+    try {
+      out.copy_(moe_lora(x, ids, weights, slots, w_gu, s_gu, w_d, s_d, method, group_gu, group_d, a_gu, bt_g, bt_u, a_d,
+                         bt_d, threads, amx_from));
+    } catch (const c10::Error& e) {  // TORCH_CHECK's: the message without its backtrace
+      error = e.what_without_backtrace();
+    } catch (const std::exception& e) {
+      error = e.what();
+    } catch (...) {
+      error = "unknown error";
+    }
+  }
+};
+
+HostCall* host_call_at(int64_t address) {
+  TORCH_CHECK(address != 0, "expertlora: no host call at address 0");
+  return reinterpret_cast<HostCall*>(address);
+}
+
+void run_host_call(void* call) { static_cast<HostCall*>(call)->run(); }  // cuLaunchHostFunc's signature
+
+int64_t host_call_new(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& slots,
+                      const at::Tensor& out, const at::Tensor& w_gu, const at::Tensor& s_gu, const at::Tensor& w_d,
+                      const at::Tensor& s_d, int64_t method, int64_t group_gu, int64_t group_d, int64_t threads,
+                      int64_t amx_from) {
+  auto* call = new HostCall{x, ids, weights, slots, out, w_gu, s_gu, w_d, s_d, method, group_gu, group_d, threads, amx_from};
+  return reinterpret_cast<int64_t>(call);
+}
+
+void host_call_set_lora(int64_t address, at::TensorList a_gu, at::TensorList bt_g, at::TensorList bt_u, at::TensorList a_d,
+                        at::TensorList bt_d) {
+  HostCall* call = host_call_at(address);
+  call->a_gu = a_gu.vec(), call->bt_g = bt_g.vec(), call->bt_u = bt_u.vec(), call->a_d = a_d.vec(), call->bt_d = bt_d.vec();
+}
+
+std::string host_call_take_error(int64_t address) {
+  std::string error;
+  std::swap(error, host_call_at(address)->error);
+  return error;
+}
+
+void host_call_run(int64_t address) { host_call_at(address)->run(); }  // the host function's work, called directly (tests)
+
+void host_call_free(int64_t address) { delete host_call_at(address); }
+
+int64_t host_call_function() { return reinterpret_cast<int64_t>(&run_host_call); }
+
 }  // namespace
 
 // The emulated build (EXPERTLORA_AMX_EMULATE, for tests on CPUs without AMX) registers the same
@@ -810,4 +868,13 @@ TORCH_LIBRARY(expertlora_cpu, m) {
       "Tensor s_gu, Tensor w_d, Tensor s_d, int method, int group_gu, int group_d, Tensor[] a_gu, "
       "Tensor[] bt_g, Tensor[] bt_u, Tensor[] a_d, Tensor[] bt_d, int threads, int amx_from=0) -> Tensor");
   m.impl("moe_lora", c10::DispatchKey::CPU, TORCH_FN(moe_lora));
+  // Host calls (HostCall above), by address: made once per captured layer call, freed with it.
+  m.def("host_call_new(Tensor x, Tensor ids, Tensor weights, Tensor slots, Tensor out, Tensor w_gu, Tensor s_gu, "
+        "Tensor w_d, Tensor s_d, int method, int group_gu, int group_d, int threads, int amx_from) -> int", &host_call_new);
+  m.def("host_call_set_lora(int call, Tensor[] a_gu, Tensor[] bt_g, Tensor[] bt_u, Tensor[] a_d, Tensor[] bt_d) -> ()",
+        &host_call_set_lora);
+  m.def("host_call_take_error(int call) -> str", &host_call_take_error);
+  m.def("host_call_run(int call) -> ()", &host_call_run);
+  m.def("host_call_free(int call) -> ()", &host_call_free);
+  m.def("host_call_function() -> int", &host_call_function);
 }
