@@ -14,6 +14,7 @@ path, whose oneDNN matmuls use AMX (``onednn_from``).
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -193,6 +194,7 @@ class KernelHostCall:
         self._ops = kernel_ops()  # the record holds the tensors (references counted): they live as long as it does
         self.address = self._ops.host_call_new(x, ids, weights, token_slots, out, w_gu, s_gu, w_d, s_d, method, group_gu, group_d,
                                                threads, amx_from)
+        weakref.finalize(self, self._ops.host_call_free, self.address)  # with this object, or at exit
         self._ops.host_call_set_lora(self.address, a_gu, bt_g, bt_u, a_d, bt_d)
 
     @staticmethod
@@ -207,11 +209,6 @@ class KernelHostCall:
     def take_error(self) -> str:
         """The last run's error ("" if none), cleared."""
         return self._ops.host_call_take_error(self.address)
-
-    def __del__(self):
-        address = getattr(self, "address", 0)
-        if address:
-            self._ops.host_call_free(address)
 
 
 def available_cores() -> int:
