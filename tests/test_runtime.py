@@ -325,14 +325,16 @@ def test_prompts_file_lines_are_checked(tmp_path):
         ('{"id": "b", "prompt_ids": [1], "ignore_eos": "yes"}', "ignore_eos"),
         ('[1, 2]', "a JSON object"),
         ('{"id": "b", "prompt_ids": [1]', "invalid JSON"),
+        ('{"id": "b", "prompt_ids": [1], "max_tokens": 2, "max_new_tokens": 3}', "line 2: max_tokens: expected one of max_new_tokens and max_tokens"),
     ):
         path = tmp_path / "jobs.jsonl"
         path.write_text(good + "\n" + line + "\n")
         with pytest.raises(AdapterError, match=needle.replace("(", r"\(")):
             read_jobs(path)
-    path.write_text(good + "\n\n")
-    [job] = read_jobs(path)
+    path.write_text(good + "\n\n" + '{"id": "openai", "prompt_ids": [1], "max_tokens": 5}' + "\n")
+    job, openai_named = read_jobs(path)
     assert job.sampling.max_tokens == 3 and job.sampling.stop == ("x",) and job.adapter is None
+    assert openai_named.sampling.max_tokens == 5  # OpenAI's name for max_new_tokens
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -295,7 +295,7 @@ def run(
     placement: Annotated[str, typer.Option("--placement", help="Which experts go to the GPU: prefix (the first N, as the seed), uniform (spread over the ids), or a routing stats file from expertlora profile (each layer's most used).")] = "prefix",
     group_size: GroupSizeOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: token_ids, text, prompt_tokens, tokens_per_s, adapter.")] = False,
-    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="Many requests at once through the serving engine: a JSON Lines file, one request per line ({\"id\", \"prompt_ids\" | \"prompt\" | \"messages\", \"adapter\", \"max_new_tokens\", \"temperature\", \"top_p\", \"top_k\", \"seed\", \"stop\", \"ignore_eos\"}); each result is printed as one JSON line when it finishes.")] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="Many requests at once through the serving engine: a JSON Lines file, one request per line ({\"id\", \"prompt_ids\" | \"prompt\" | \"messages\", \"adapter\", \"max_new_tokens\" (or \"max_tokens\"), \"temperature\", \"top_p\", \"top_k\", \"seed\", \"stop\", \"ignore_eos\"}); each result is printed as one JSON line when it finishes.")] = None,
     max_num_seqs: MaxNumSeqsOpt = 64,
     max_model_len: MaxModelLenOpt = None,
     max_prefill_tokens: MaxPrefillTokensOpt = 1024,

@@ -2,8 +2,9 @@
 
 Each line is one JSON object: ``id`` (string), exactly one of ``prompt_ids`` (token ids),
 ``prompt`` (text) or ``messages`` (chat), and optionally ``adapter`` (a loaded name; null or absent:
-the base), ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``,
-``ignore_eos``. Every line is checked before anything runs; a bad one is an error naming it.
+the base), ``max_new_tokens`` (or OpenAI's name, ``max_tokens``), ``temperature``, ``top_p``,
+``top_k``, ``seed``, ``stop``, ``ignore_eos``. Every line is checked before anything runs; a bad
+one is an error naming it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .request import RequestOutput, SamplingParams
 MAX_FILE_BYTES = 1 << 30
 MAX_LINES = 1_000_000
 PROMPT_KEYS = ("prompt_ids", "prompt", "messages")
-SAMPLING_KEYS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+SAMPLING_KEYS = {"max_new_tokens": "max_tokens", "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                  "seed": "seed", "stop": "stop", "ignore_eos": "ignore_eos"}
 KNOWN_KEYS = {"id", "adapter", *PROMPT_KEYS, *SAMPLING_KEYS}
 
@@ -87,6 +88,8 @@ def _job(path: Path, number: int, raw: bytes, default_max_tokens: int) -> Job:
     adapter = obj.get("adapter")
     if adapter is not None and not isinstance(adapter, str):
         raise AdapterError(path, f"{where}: adapter", "a string or null", _short(adapter))
+    if "max_new_tokens" in obj and "max_tokens" in obj:
+        raise AdapterError(path, f"{where}: max_tokens", "one of max_new_tokens and max_tokens (the same setting)", "both")
     settings = {SAMPLING_KEYS[k]: v for k, v in obj.items() if k in SAMPLING_KEYS}
     settings.setdefault("max_tokens", default_max_tokens)
     if isinstance(settings.get("stop"), str):
