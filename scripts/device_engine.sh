@@ -2,10 +2,11 @@
 # The serving engine and graph decode on the device machine: the GPU tests of the engine (graph =
 # eager per bucket, hybrid = CPU, CPU experts inside graphs through host nodes), greedy_decode,
 # then a short decode throughput check per GPU share (eager vs graphs). Results go to $OUT.
-#   host_calls  EXPERTLORA_GRAPH_HOST_CALLS=kernel (the host node runs the CPU kernel itself) against
-#               the worker: the graph tests in kernel mode, then per mode, one process each, the
-#               hybrid layer at 1 / 32 tokens and the engine at 8 / 32 requests (2 layers)
-#   scripts/device_engine.sh [tests] [speed] [host_calls]
+#   host_calls        the graph tests with EXPERTLORA_GRAPH_HOST_CALLS=kernel (the host node runs the CPU
+#                     kernel itself, hybrid_graph.KernelHostCalls)
+#   host_calls_speed  that mode against the worker, one process each: the hybrid layer at 1 / 32 tokens,
+#                     the engine at 1 / 8 / 32 requests, every expert on the CPU (2 layers)
+#   scripts/device_engine.sh [tests] [speed] [host_calls] [host_calls_speed]
 source "$(dirname "$0")/device_env.sh"
 # the random 4-layer checkpoint of benchmarks/e2e.py, built once and shared with scripts/device_prefill.sh e2e
 BENCH_DIR="${BENCH_DIR:-/tmp/expertlora-bench}"
@@ -18,16 +19,16 @@ for part in "${@:-tests}"; do
              | grep -vE "Writing model shards|^$" | tail -60 | tee "$OUT/engine_tests.txt" ;;
     speed) mkdir -p "$BENCH_DIR"
            timeout 300 python3 scripts/engine_speed.py --polls "0,0;300,0" --workdir "$BENCH_DIR" 2>&1 | tee "$OUT/engine_speed.txt" ;;
-    host_calls) EXPERTLORA_GRAPH_HOST_CALLS=kernel timeout 200 python3 -m pytest -q -p no:cacheprovider -rfs tests/test_hybrid_graph.py \
-                  tests/test_decode.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed|^E  " | tail -20
-                mkdir -p "$BENCH_DIR/2layers"
-                for mode in worker kernel; do
-                  echo "-- EXPERTLORA_GRAPH_HOST_CALLS=$mode"
-                  EXPERTLORA_GRAPH_HOST_CALLS=$mode timeout 150 python3 benchmarks/gpu_layer.py --parts hybrid --tokens 1,32 --calls 40 \
-                    --out "$OUT/hybrid_$mode.md" 2>&1 | grep -v "^|"
-                  EXPERTLORA_GRAPH_HOST_CALLS=$mode timeout 200 python3 scripts/engine_speed.py --layers 2 --shares 0,50 --concurrency 1,8,32 \
-                    --new-tokens 24 --polls "300,0" --workdir "$BENCH_DIR/2layers" 2>&1 | grep -vE "^\||Writing"
-                done 2>&1 | tee "$OUT/host_calls.txt" ;;
-    *) echo "usage: $0 [tests] [speed] [host_calls]" >&2; exit 2 ;;
+    host_calls) EXPERTLORA_GRAPH_HOST_CALLS=kernel timeout 240 python3 -m pytest -q -p no:cacheprovider -rfs tests/test_hybrid_graph.py \
+                  tests/test_decode.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed|^E  " | tail -20 | tee "$OUT/host_calls_tests.txt" ;;
+    host_calls_speed) mkdir -p "$BENCH_DIR/2layers"
+                      for mode in worker kernel; do
+                        echo "-- EXPERTLORA_GRAPH_HOST_CALLS=$mode"
+                        EXPERTLORA_GRAPH_HOST_CALLS=$mode timeout 120 python3 benchmarks/gpu_layer.py --parts hybrid --tokens 1,32 --calls 30 \
+                          --out "$OUT/hybrid_$mode.md" 2>&1 | grep -v "^|"
+                        EXPERTLORA_GRAPH_HOST_CALLS=$mode timeout 150 python3 scripts/engine_speed.py --layers 2 --shares 0 --concurrency 1,8,32 \
+                          --new-tokens 16 --polls "300,0" --workdir "$BENCH_DIR/2layers" 2>&1 | grep -vE "^\||Writing"
+                      done 2>&1 | tee "$OUT/host_calls_speed.txt" ;;
+    *) echo "usage: $0 [tests] [speed] [host_calls] [host_calls_speed]" >&2; exit 2 ;;
   esac
 done
