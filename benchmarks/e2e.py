@@ -11,7 +11,8 @@ o_proj. Rows, all in one process: transformers 5 base (its default experts forwa
 transformers 5 + PEFT; expertlora without and with the adapter, for each method (the non-expert
 layers in bf16). Prefill: one forward over --prompt-tokens. Decode: --new-tokens single-token
 steps with the KV cache, after the prefill; tokens/s over the steps alone. Each row runs a
-warm-up on the whole prompt first (the first long forward takes one-time costs).
+warm-up on the whole prompt first (the first long forward takes one-time costs), then reports
+the medians of three runs (PEFT's row: one).
 
 With --device cuda, transformers and PEFT run wholly on the GPU, and expertlora (bf16) runs the
 non-expert layers there with --gpu-shares percent of each layer's experts (uniform placement),
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import tempfile
 import time
 import traceback
@@ -88,12 +90,13 @@ def checkpoint(work: Path, vocab: int, layers: int) -> None:
     peft_model.save_pretrained(work / "adapter")
 
 
-def speeds(model, prompt: torch.Tensor, new_tokens: int, **kw) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) with the KV cache, greedy, after a warm-up run on the
-    whole prompt (a long prompt takes paths a short one does not: GPU prefill's first use stacks
-    the adapters' LoRA on the GPU, the kernel's workspace grows once)."""
+def speeds(model, prompt: torch.Tensor, new_tokens: int, repeats: int = 3, **kw) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) with the KV cache, greedy: the medians of ``repeats``
+    runs after a warm-up run on the whole prompt (a long prompt takes paths a short one does not:
+    GPU prefill's first use stacks the adapters' LoRA on the GPU, the kernel's workspace grows)."""
     _decode(model, prompt, min(new_tokens, 2), **kw)
-    return _decode(model, prompt, new_tokens, **kw)
+    runs = [_decode(model, prompt, new_tokens, **kw) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def _decode(model, prompt: torch.Tensor, new_tokens: int, **kw) -> tuple[float, float]:
@@ -164,7 +167,7 @@ def main():
             print(rows[-1], flush=True)
             peft_model = PeftModel.from_pretrained(model, work / "adapter").eval()
             peft_steps = args.peft_new_tokens if args.device == "cpu" else args.new_tokens
-            rows.append((f"transformers 5 + PEFT{where}", "bf16", *speeds(peft_model, prompt, peft_steps)))
+            rows.append((f"transformers 5 + PEFT{where}", "bf16", *speeds(peft_model, prompt, peft_steps, repeats=1)))
             print(rows[-1], flush=True)
             del model, peft_model
         base = MoEConfig.from_model_dir(work / "model")
