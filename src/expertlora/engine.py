@@ -193,9 +193,8 @@ class KernelHostCall:
                  a_gu, bt_g, bt_u, a_d, bt_d, *, threads: int, amx_from: int):
         self._ops = kernel_ops()  # the record holds the tensors (references counted): they live as long as it does
         self.address = self._ops.host_call_new(x, ids, weights, token_slots, out, w_gu, s_gu, w_d, s_d, method, group_gu, group_d,
-                                               threads, amx_from)
+                                               a_gu, bt_g, bt_u, a_d, bt_d, threads, amx_from)
         weakref.finalize(self, self._ops.host_call_free, self.address)  # with this object, or at exit
-        self._ops.host_call_set_lora(self.address, a_gu, bt_g, bt_u, a_d, bt_d)
 
     @staticmethod
     def function() -> int:

@@ -48,7 +48,7 @@ def cpu_kernel(emulate_amx: bool = False):
 
 def kernel_ops(emulate_amx: bool = False):
     """The compiled kernel's op namespace (``torch.ops.expertlora_cpu``: moe_lora and the host
-    calls of engine.HostCall); raises KernelUnavailable with the reason."""
+    calls of engine.KernelHostCall); raises KernelUnavailable with the reason."""
     cpu_kernel(emulate_amx)
     return torch.ops.expertlora_cpu_emu if emulate_amx else torch.ops.expertlora_cpu
 

@@ -830,16 +830,12 @@ void run_host_call(void* call) { static_cast<HostCall*>(call)->run(); }  // cuLa
 
 int64_t host_call_new(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& slots,
                       const at::Tensor& out, const at::Tensor& w_gu, const at::Tensor& s_gu, const at::Tensor& w_d,
-                      const at::Tensor& s_d, int64_t method, int64_t group_gu, int64_t group_d, int64_t threads,
+                      const at::Tensor& s_d, int64_t method, int64_t group_gu, int64_t group_d, at::TensorList a_gu,
+                      at::TensorList bt_g, at::TensorList bt_u, at::TensorList a_d, at::TensorList bt_d, int64_t threads,
                       int64_t amx_from) {
-  auto* call = new HostCall{x, ids, weights, slots, out, w_gu, s_gu, w_d, s_d, method, group_gu, group_d, threads, amx_from};
+  auto* call = new HostCall{x, ids, weights, slots, out, w_gu, s_gu, w_d, s_d, method, group_gu, group_d, threads, amx_from,
+                            a_gu.vec(), bt_g.vec(), bt_u.vec(), a_d.vec(), bt_d.vec()};
   return reinterpret_cast<int64_t>(call);
-}
-
-void host_call_set_lora(int64_t address, at::TensorList a_gu, at::TensorList bt_g, at::TensorList bt_u, at::TensorList a_d,
-                        at::TensorList bt_d) {
-  HostCall* call = host_call_at(address);
-  call->a_gu = a_gu.vec(), call->bt_g = bt_g.vec(), call->bt_u = bt_u.vec(), call->a_d = a_d.vec(), call->bt_d = bt_d.vec();
 }
 
 std::string host_call_take_error(int64_t address) {
@@ -870,9 +866,8 @@ TORCH_LIBRARY(expertlora_cpu, m) {
   m.impl("moe_lora", c10::DispatchKey::CPU, TORCH_FN(moe_lora));
   // Host calls (HostCall above), by address: made once per captured layer call, freed with it.
   m.def("host_call_new(Tensor x, Tensor ids, Tensor weights, Tensor slots, Tensor out, Tensor w_gu, Tensor s_gu, "
-        "Tensor w_d, Tensor s_d, int method, int group_gu, int group_d, int threads, int amx_from) -> int", &host_call_new);
-  m.def("host_call_set_lora(int call, Tensor[] a_gu, Tensor[] bt_g, Tensor[] bt_u, Tensor[] a_d, Tensor[] bt_d) -> ()",
-        &host_call_set_lora);
+        "Tensor w_d, Tensor s_d, int method, int group_gu, int group_d, Tensor[] a_gu, Tensor[] bt_g, Tensor[] bt_u, "
+        "Tensor[] a_d, Tensor[] bt_d, int threads, int amx_from) -> int", &host_call_new);
   m.def("host_call_take_error(int call) -> str", &host_call_take_error);
   m.def("host_call_run(int call) -> ()", &host_call_run);
   m.def("host_call_free(int call) -> ()", &host_call_free);
