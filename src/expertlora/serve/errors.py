@@ -78,10 +78,10 @@ def install_handlers(app: FastAPI, retry_after_s: int) -> None:
         if e.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         elif e.status_code == 400:  # FastAPI's body parser failed other than on bad JSON syntax (e.g. nesting too deep)
-            return APIError(400, "the body is not valid JSON (it could not be parsed)", None, "invalid_json").response()
+            message = "the body is not valid JSON (it could not be parsed)"
         else:
             message = e.detail if isinstance(e.detail, str) else str(e.detail)
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
         return APIError(e.status_code, message, None, code, getattr(e, "headers", None)).response()
 
     for kind in ENGINE_ERRORS:
