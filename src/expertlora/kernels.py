@@ -26,6 +26,11 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "moe_lora_cpu.cpp"
 HEADERS = (Path(__file__).parent / "csrc" / "amx.h",)
+# --exclude-libs: a compiler that links libstdc++ statically (the device image's /opt/gcc does)
+# would otherwise export that copy's symbols, half of which the loader binds to torch's
+# libstdc++.so: formatting a number in an error message then read the wrong locale facets and
+# crashed. Kept private, the static copy is self-consistent; with a shared libstdc++ it is a no-op.
+LINK_FLAGS = ["-fopenmp", "-Wl,--exclude-libs,ALL"]
 METHOD_CODES = {"fp32": 0, "bf16": 1, "int8": 2, "int4": 3}
 # Tokens per expert from which its rows run on AMX tiles (bf16 / int8 / int4; measured on the
 # device's Xeon, BENCHMARKS.md "AMX tiles in the CPU kernel").
@@ -71,7 +76,7 @@ def _build(emulate_amx: bool = False):
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
-    text = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
+    text = SOURCE.read_bytes() + b"".join(h.read_bytes() for h in HEADERS) + " ".join(LINK_FLAGS).encode()
     key = hashlib.sha256(text + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:12]
     name = f"expertlora_cpu_{'emu_' if emulate_amx else ''}{key}"
     try:
@@ -80,7 +85,7 @@ def _build(emulate_amx: bool = False):
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-std=c++17"]
             + (["-DEXPERTLORA_AMX_EMULATE"] if emulate_amx else []),
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=LINK_FLAGS,
             is_python_module=False,
             verbose=bool(os.environ.get("EXPERTLORA_VERBOSE_BUILD")),
         )
