@@ -202,11 +202,11 @@ def test_greedy_decode_hybrid_graph_equals_eager(ratio, model_dir, fused_adapter
 
 
 @cuda
-def test_cpu_failure_in_a_replayed_step_is_an_error(model_dir):
+def test_cpu_failure_in_a_replayed_step_is_an_error(model_dir, monkeypatch):
+    """The worker's hand-off (the kernel's host nodes: test_kernel_host_calls_in_a_replayed_layer)."""
     from expertlora.runtime import Engine, EngineConfig, SamplingParams
 
-    if host_calls_in_kernel():
-        pytest.skip("no Python in a replay to break: test_kernel_host_calls_in_a_replayed_layer injects the failure")
+    monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", "worker")
     config = EngineConfig(model_dir("qwen3_moe"), method="bf16", device="cuda", gpu_experts_ratio=0.5, max_num_seqs=2, max_model_len=32)
     with Engine(config) as e:
         p = [1, 2, 3]
@@ -228,7 +228,7 @@ def test_cpu_failure_in_a_replayed_step_is_an_error(model_dir):
         assert e.generate([p], sampling=SamplingParams(max_tokens=4, ignore_eos=True))[0].finish_reason == "length"
 
 
-# -- the host node runs the compiled kernel itself (EXPERTLORA_GRAPH_HOST_CALLS=kernel) -------------
+# -- the host node runs the compiled kernel itself (KernelHostCalls) ----------------------------------
 
 def _kernel_engine():
     from expertlora.engine import MoELoRAEngine
@@ -301,13 +301,17 @@ def test_kernel_host_call_buffers_are_checked():
             engine.host_call(0, *bad)
 
 
-def test_host_calls_choice_from_the_environment(monkeypatch):
-    for value, kernel in (("", False), ("worker", False), ("kernel", True), (" kernel ", True)):
+def test_host_calls_follow_the_cpu_engine_unless_the_environment_says(monkeypatch):
+    for value, engine_kernel, kernel in (("", "compiled", True), ("", "torch", False), ("", "kt", False), ("worker", "compiled", False),
+                                         ("kernel", "compiled", True), (" kernel ", "compiled", True), ("worker", "kt", False)):
         monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", value)
-        assert host_calls_in_kernel() is kernel, value
+        assert host_calls_in_kernel(engine_kernel) is kernel, (value, engine_kernel)
+    monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", "kernel")
+    with pytest.raises(ValueError, match="EXPERTLORA_GRAPH_HOST_CALLS=kernel needs the compiled CPU kernel .this engine's: torch."):
+        host_calls_in_kernel("torch")
     monkeypatch.setenv("EXPERTLORA_GRAPH_HOST_CALLS", "python\n" * 20)
     with pytest.raises(ValueError, match="EXPERTLORA_GRAPH_HOST_CALLS: expected worker or kernel") as e:
-        host_calls_in_kernel()
+        host_calls_in_kernel("compiled")
     assert len(str(e.value)) < 120
 
 

@@ -123,9 +123,7 @@ class HybridMoE:
             return "CUDA graphs need the GPU experts in bf16 on a CUDA device"
         reason = host_nodes_available()
         if reason is None and self.graph_part is None:
-            if host_calls_in_kernel():  # measured against the worker on a GPU host before it is the default
-                if self.cpu.kernel != "compiled":
-                    raise ValueError("EXPERTLORA_GRAPH_HOST_CALLS=kernel needs the compiled CPU kernel")
+            if host_calls_in_kernel(self.cpu.kernel):
                 self.graph_part = KernelHostCalls(self.cpu, self._cpu_ids)
             else:
                 self.graph_part = GraphCpuPart(self._run_host_call)

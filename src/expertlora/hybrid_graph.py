@@ -17,8 +17,8 @@ and is raised in the caller once the step is over.
 The pinned buffers are allocated in ``prepare`` mode, by the eager warm-up steps that come before
 a capture (allocating while capturing is not allowed), one set per (layer, batch shape).
 
-``KernelHostCalls`` (EXPERTLORA_GRAPH_HOST_CALLS=kernel, not the default until measured on a GPU
-host) has the same interface with no worker thread, no semaphores and no Python in a replay: the
+``KernelHostCalls`` (where the CPU engine is the compiled kernel; ``host_calls_in_kernel``) has
+the same interface with no worker thread, no semaphores and no Python in a replay: the
 host node itself runs the compiled CPU kernel on the pinned buffers (engine.KernelHostCall), and
 the GPU experts run on a side stream forked in the capture, so they still overlap it:
 
@@ -223,9 +223,14 @@ class KernelHostCalls:
             raise RuntimeError(f"the CPU experts failed in a replayed step: {errors[0]}")
 
 
-def host_calls_in_kernel() -> bool:
-    """EXPERTLORA_GRAPH_HOST_CALLS: "worker" (the default: GraphCpuPart) or "kernel" (KernelHostCalls)."""
-    env = os.environ.get("EXPERTLORA_GRAPH_HOST_CALLS", "").strip() or "worker"
-    if env not in ("worker", "kernel"):
+def host_calls_in_kernel(kernel: str) -> bool:
+    """Whether the host nodes run the CPU kernel themselves (KernelHostCalls) or hand the call to a
+    worker thread (GraphCpuPart), for a CPU engine whose ``kernel`` is this: the kernel where it is
+    the compiled one (measured faster on the H200 host, BENCHMARKS.md), else the worker, which
+    runs any CPU backend. EXPERTLORA_GRAPH_HOST_CALLS=worker|kernel overrides it (A/B runs)."""
+    env = os.environ.get("EXPERTLORA_GRAPH_HOST_CALLS", "").strip()
+    if env not in ("", "worker", "kernel"):
         raise ValueError(f"EXPERTLORA_GRAPH_HOST_CALLS: expected worker or kernel, found {env[:40]!r}")
-    return env == "kernel"
+    if env == "kernel" and kernel != "compiled":
+        raise ValueError(f"EXPERTLORA_GRAPH_HOST_CALLS=kernel needs the compiled CPU kernel (this engine's: {kernel})")
+    return env == "kernel" or (not env and kernel == "compiled")
