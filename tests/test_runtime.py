@@ -226,6 +226,18 @@ def test_load_and_unload_while_running(tmp_path, model_dir, fused_adapter, secon
             e.add_request(p, "math")
 
 
+def _threads() -> dict[str, str]:
+    """This process's threads: id -> name."""
+    tasks = "/proc/self/task"
+    names = {}
+    for tid in os.listdir(tasks):
+        try:
+            names[tid] = open(f"{tasks}/{tid}/comm").read().strip()
+        except FileNotFoundError:  # ended meanwhile
+            pass
+    return names
+
+
 @pytest.mark.skipif(torch.get_num_threads() < 2 or not os.path.isdir("/proc/self/task"), reason="needs 2 CPU threads and Linux /proc")
 def test_an_adapter_read_leaves_no_thread_pool_behind(model_dir, fused_adapter, monkeypatch):
     """A server reads adapters on threads that live on: the parallel CPU work of a read must not
@@ -239,10 +251,11 @@ def test_an_adapter_read_leaves_no_thread_pool_behind(model_dir, fused_adapter, 
             return read(name, source)
 
         monkeypatch.setattr(e.adapters, "read", read_with_parallel_work)
-        before = len(os.listdir("/proc/self/task"))
+        before = _threads()
         with ThreadPoolExecutor(1) as server:  # a long-lived server thread, as serve's adapter_ops
             server.submit(e.load_adapter, "math", math_dir).result()
-            assert len(os.listdir("/proc/self/task")) == before + 1  # the server thread alone
+            new = [name for tid, name in _threads().items() if tid not in before]
+            assert len(new) == 1, new  # the server thread alone
         assert e.adapter_names == ["math"]
 
 
