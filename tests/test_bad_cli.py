@@ -280,7 +280,18 @@ def test_run_options_refused_before_loading(tmp_path, model_dir, monkeypatch):
     ]
     for args, needle in cases:
         refused(run(*m, *args), needle)
-    refused(cli("run", "--prompt-ids", "1"), "Missing option '--model'")
+    for command in ("run", "profile", "serve"):
+        given = {"run": ("--prompt-ids", "1"), "profile": ("--prompts", stats, "-o", tmp_path / "o.json"), "serve": ()}[command]
+        refused(cli(command, *given), f"missing the model directory: expertlora {command} MODEL")
+    refused(run(*m, "--prompt-ids", "1", tmp_path), "the model is given twice", str(tmp_path))
+
+
+def test_the_model_as_vllm_takes_it_or_as_sglang_names_it(model_dir):
+    model = model_dir("qwen3_moe")
+    outputs = [cli("run", *where, "--prompt-ids", "1,2", "--max-new-tokens", 3, "--json") for where in
+               ((model,), ("--model", model), ("--model-path", model), (model, "--model", model))]
+    assert all(r.exit_code == 0 for r in outputs), [r.stderr for r in outputs]
+    assert len({json.loads(r.stdout)["token_ids"].__repr__() for r in outputs}) == 1
 
 
 def test_profile_options(tmp_path, model_dir):

@@ -45,6 +45,15 @@ def _fail(message: str, code: int):
     raise typer.Exit(code)
 
 
+def _model_dir(positional: Path | None, option: Path | None, command: str) -> Path:
+    """The model directory, given as MODEL or --model / --model-path (once)."""
+    if positional is not None and option is not None and positional != option:
+        _fail(f"the model is given twice: MODEL {positional} and --model {option}; give one (see expertlora {command} --help)", 2)
+    if positional is None and option is None:
+        _fail(f"missing the model directory: expertlora {command} MODEL, or --model / --model-path (see expertlora {command} --help)", 2)
+    return positional if positional is not None else option
+
+
 def _internal(where: str, e: BaseException):
     """Not bad input but a bug: one honest line instead of a traceback (EXPERTLORA_TRACEBACK=1 shows it)."""
     if os.environ.get(TRACEBACK_ENV):
@@ -153,6 +162,8 @@ MaxPrefillTokensOpt = Annotated[int, typer.Option("--max-prefill-tokens", help="
 KvCacheMemoryOpt = Annotated[Optional[int], typer.Option("--kv-cache-memory", help="Bytes for the KV cache (default: half the GPU's free memory, or a quarter of the host's available memory up to 8 GiB).")]
 MaxLoadedAdaptersOpt = Annotated[int, typer.Option("--max-loaded-adapters", "--max-loras", help="Adapters loaded at once; loading one more evicts the least recently used idle one.")]
 GpuPrefillOpt = Annotated[Optional[int], typer.Option("--gpu-prefill-threshold", "--kt-gpu-prefill-token-threshold", help="With --device cuda: a forward of at least this many tokens (a long prompt) runs the CPU experts on the GPU too, their weights copied there layer by layer while the previous layer computes; needs GPU memory for about two layers of experts (a Qwen3-30B-A3B layer: 1.2 GB in bf16), refused at load without it. Default: the method's measured crossover on the H200 host: with AMX bf16 1024, int8 128, int4 32; without AMX bf16 128, int8 64, int4 32; fp32 off. 0: off.")]
+ModelArg = Annotated[Optional[Path], typer.Argument(metavar="MODEL", show_default=False, help="Hugging Face checkpoint directory of a MoE model (or --model).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "--model-path", help="The model directory, as SGLang names it (or MODEL, as vLLM does).")]
 CudaGraphsOpt = Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="With --device cuda and bf16: replay decode steps as CUDA graphs (CPU experts inside them through host nodes).")]
 
 
@@ -271,7 +282,8 @@ def demo(
 
 @app.command()
 def run(
-    model: Annotated[Path, typer.Option("--model", "--model-path", help="Hugging Face checkpoint directory of a MoE model.")],
+    model_arg: ModelArg = None,
+    model: ModelOpt = None,
     adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "--kt-moe-lora-path", help="[NAME=]PATH of an adapter (any format inspect reads); repeat for several.")] = None,
     use: Annotated[Optional[str], typer.Option("--use", help="The adapter this prompt runs with, by NAME, or none. Default: the first --adapter.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt text (needs a tokenizer in the model directory).")] = None,
@@ -290,7 +302,7 @@ def run(
     backend: Annotated[str, typer.Option("--backend", help="cpu (ours: any method, mixed adapters per batch) or kt (kt-kernel's SFT MoE, installed separately: bf16 / int4, one adapter per batch).")] = "cpu",
     device: Annotated[str, typer.Option("--device", help="cpu, or cuda: attention and the other non-expert layers on the GPU, with --gpu-experts of each layer's experts there too; the rest run on the CPU at the same time.")] = "cpu",
     gpu_experts: Annotated[Optional[int], typer.Option("--gpu-experts", "--kt-num-gpu-experts", help="Experts per MoE layer kept on the GPU (with --device cuda; default 0).")] = None,
-    gpu_ratio: Annotated[Optional[float], typer.Option("--gpu-experts-ratio", help="Share of each layer's experts kept on the GPU, 0 to 1 (instead of --gpu-experts). At 1, with bf16 and greedy decoding, each decode step replays as one CUDA graph (Qwen2/3-MoE, Mixtral).")] = None,
+    gpu_ratio: Annotated[Optional[float], typer.Option("--gpu-experts-ratio", help="Share of each layer's experts kept on the GPU, 0 to 1 (instead of --gpu-experts).")] = None,
     kt_weight_path: Annotated[Optional[Path], typer.Option("--kt-weight-path", help="With --method int8 / int4: the experts from this folder of kt-kernel's converted weights (its convert_cpu_weights.py: _layer_L/_numa_N/*.kt or blk.* safetensors) instead of the checkpoint; bf16 / fp32 read --model, as the seed does.")] = None,
     placement: Annotated[str, typer.Option("--placement", help="Which experts go to the GPU: prefix (the first N, as the seed), uniform (spread over the ids), or a routing stats file from expertlora profile (each layer's most used).")] = "prefix",
     group_size: GroupSizeOpt = None,
@@ -310,6 +322,7 @@ def run(
     One prompt (--prompt / --prompt-ids), or many at once with --prompts-file: they share the
     serving engine's continuous batches, each with its own adapter and sampling.
     """
+    model = _model_dir(model_arg, model, "run")
     from .run import ModelOptions, Sampling, generate, load_setup
 
     if prompts_file is not None:
@@ -401,9 +414,10 @@ def _stdout_for_results():
 
 @app.command()
 def profile(
-    model: Annotated[Path, typer.Option("--model", "--model-path", help="Hugging Face checkpoint directory of a MoE model.")],
     prompts: Annotated[Path, typer.Option("--prompts", help="One prompt per line: text (needs a tokenizer in the model directory) or token ids 1,2,3.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Routing stats JSON to write (for frequency placement of GPU experts).")],
+    model_arg: ModelArg = None,
+    model: ModelOpt = None,
     adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "--kt-moe-lora-path", help="[NAME=]PATH of an adapter (any format inspect reads); repeat for several.")] = None,
     use: Annotated[Optional[str], typer.Option("--use", help="The adapter the prompts run with, by NAME, or none. Default: the first --adapter.")] = None,
     method: Annotated[str, typer.Option("--method", "--kt-moe-sft-method", "--kt-method", help="Expert storage: fp32, bf16, int8 or int4.")] = "bf16",
@@ -413,6 +427,7 @@ def profile(
     progress: ProgressOpt = True,
 ):
     """Record which experts each MoE layer routes to on sample prompts, for GPU expert placement."""
+    model = _model_dir(model_arg, model, "profile")
     from rich.progress import track
 
     from .convert import check_outputs
@@ -443,7 +458,8 @@ def profile(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Option("--model", "--model-path", help="Hugging Face checkpoint directory of a MoE model.")],
+    model_arg: ModelArg = None,
+    model: ModelOpt = None,
     adapter: Annotated[Optional[list[str]], typer.Option("--adapter", "--kt-moe-lora-path", help="[NAME=]PATH of an adapter loaded at start (any format inspect reads); repeat for several.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The `model` value that selects the base (default: the model folder's name); `NAME:ADAPTER` selects an adapter too.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default; 0.0.0.0 for every interface).")] = "127.0.0.1",
@@ -476,6 +492,7 @@ def serve(
     progress: ProgressOpt = True,
 ):
     """Serve the model over HTTP, OpenAI-compatible: /v1/completions, /v1/chat/completions (the `model` field picks the adapter), /v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter, /health, /metrics."""
+    model = _model_dir(model_arg, model, "serve")
     from .serve.launch import serve as run_server
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, via PEFT
