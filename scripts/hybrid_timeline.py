@@ -1,7 +1,10 @@
 """Diagnostic (device): where a one-token hybrid layer call's time goes, per GPU share, replayed
 as a CUDA graph and eagerly: the host-side timeline (replay start -> the CPU part's start ->
-its end -> the replay's end), beside the CPU part alone (back to back, and after 0.2 ms idle)."""
+its end -> the replay's end), beside the CPU part alone (back to back, and after 0.2 ms idle).
+The graph's CPU part is timed on the worker thread (EXPERTLORA_GRAPH_HOST_CALLS=worker, set here):
+where the host node runs the kernel itself, no Python runs in a replay to time."""
 import os, statistics, sys, time
+os.environ.setdefault("EXPERTLORA_GRAPH_HOST_CALLS", "worker")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import torch
 from gpu_layer import random_layer, replayed
@@ -43,7 +46,7 @@ for share in (0, 25, 50):
             if i >= 10 and marks:
                 t1, t2 = marks[0]
                 rows.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
-        if not rows:  # EXPERTLORA_GRAPH_HOST_CALLS=kernel: no Python call to time inside a replay
+        if not rows:  # run with EXPERTLORA_GRAPH_HOST_CALLS=kernel: no Python call to time inside a replay
             print(f"{share:3d}% {mode}: the CPU part ran no Python to time", flush=True)
             continue
         cols = list(zip(*rows))
