@@ -409,3 +409,43 @@ def test_kv_cache_stays_within_its_budget(model_dir):
         assert e.cache.num_slots == 3 and e.cache.nbytes <= budget
     with pytest.raises(ValueError, match="holds no sequence of max_model_len 32"):
         Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", max_model_len=32, kv_cache_memory=per_slot // 2))
+
+
+def peft_logprobs(model, prompt: list[int], tokens: tuple[int, ...]) -> torch.Tensor:
+    """transformers + PEFT's log-probabilities (float64) of the next token after the prompt and
+    each generated token but the last: [len(tokens), V]."""
+    x = torch.tensor([list(prompt) + list(tokens)])
+    with torch.no_grad():
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, len(prompt) - 1 : -1]
+    return logits.double().log_softmax(-1)
+
+
+def test_logprobs_are_the_models_for_each_request(model_dir, fused_adapter):
+    """Requests that ask for log-probabilities (k alternatives, or none but the chosen token's)
+    beside requests that do not, greedy and sampling, base and adapter, in one batch: each
+    token's figures are transformers + PEFT's for that sequence (fp32: 1e-5 relative)."""
+    math_dir, peft_math, _ = fused_adapter("qwen3_moe")
+    asks = [(None, 3, 0.0), ("math", 0, 0.0), ("math", 5, 1.3), (None, None, 0.0), ("math", 20, 0.8)]
+    prompts = [ids(5 + i, 40 + i) for i in range(len(asks))]
+    sampling = [SamplingParams(max_tokens=6, temperature=t, seed=7, ignore_eos=True, logprobs=k) for _, k, t in asks]
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", adapters={"math": math_dir}, max_num_seqs=4, max_model_len=48)) as e:
+        outs = e.generate(prompts, [a for a, *_ in asks], sampling)
+    for out, prompt, (adapter, k, _) in zip(outs, prompts, asks):
+        if k is None:
+            assert out.logprobs is None
+            continue
+        assert [entry.token_id for entry in out.logprobs] == list(out.token_ids)
+        if adapter is None:
+            with peft_math.disable_adapter():
+                ref = peft_logprobs(peft_math, prompt, out.token_ids)
+        else:
+            ref = peft_logprobs(peft_math, prompt, out.token_ids)
+        for entry, row in zip(out.logprobs, ref):
+            assert abs(entry.logprob - row[entry.token_id].item()) <= 1e-5 * max(1.0, abs(row[entry.token_id].item()))
+            assert len(entry.top) == k
+            if k:
+                want = row.topk(k)
+                assert [t for t, _ in entry.top] == want.indices.tolist(), (adapter, k)
+                assert max(abs(v - w) for (_, v), w in zip(entry.top, want.values.tolist())) <= 1e-5 * max(1.0, abs(want.values.min().item()))
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)

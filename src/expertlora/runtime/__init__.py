@@ -3,7 +3,7 @@
 from .config import EngineConfig
 from .engine import Engine, EngineStats
 from .errors import AdapterBusy, EngineClosed, QueueFull, RequestError, UnknownAdapter
-from .request import FINISH_REASONS, RequestHandle, RequestOutput, SamplingParams
+from .request import FINISH_REASONS, RequestHandle, RequestOutput, SamplingParams, TokenLogprob
 
 __all__ = [
     "FINISH_REASONS",
@@ -17,5 +17,6 @@ __all__ = [
     "RequestHandle",
     "RequestOutput",
     "SamplingParams",
+    "TokenLogprob",
     "UnknownAdapter",
 ]

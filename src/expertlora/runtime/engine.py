@@ -40,9 +40,9 @@ from .config import (
 from .detokenize import IncrementalText
 from .errors import EngineClosed, QueueFull, RequestError
 from .kv_cache import KVCache
-from .request import Request, RequestHandle, RequestOutput, SamplingParams
+from .request import Request, RequestHandle, RequestOutput, SamplingParams, TokenLogprob
 from .runner import ModelRunner
-from .sampler import new_generator, sample
+from .sampler import new_generator, sample, token_logprobs
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(request_id, adapter, tuple(ids), self)
         request = Request(request_id, ids, adapter, sampling, handle, frozenset() if sampling.ignore_eos else self.eos_ids,
-                          generator=new_generator(sampling), detokenizer=IncrementalText(self.tokenizer))
+                          generator=new_generator(sampling), detokenizer=IncrementalText(self.tokenizer),
+                          output_logprobs=None if sampling.logprobs is None else [])
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is shutting down")
@@ -317,15 +318,18 @@ class Engine:
             r.num_computed += n
         self._steps += 1
         now = time.monotonic()
-        for r, token in zip(batch.sampled, sample(logits, batch.sampled)):
-            self._append(r, token, now)
+        tokens = sample(logits, batch.sampled)
+        for r, token, logprob in zip(batch.sampled, tokens, token_logprobs(logits, batch.sampled, tokens)):
+            self._append(r, token, logprob, now)
 
     def _admit(self, request: Request) -> None:
         self._requests[request.request_id] = request
         self.scheduler.add(request)
 
-    def _append(self, r: Request, token: int, now: float) -> None:
+    def _append(self, r: Request, token: int, logprob: TokenLogprob | None, now: float) -> None:
         r.output_ids.append(token)
+        if logprob is not None:
+            r.output_logprobs.append(logprob)
         r.first_token_time = r.first_token_time or now
         s = r.sampling
         reason = None
@@ -347,11 +351,13 @@ class Engine:
             r.handle._push(self._output(r, (token,), new_text, None, None))
 
     def _output(self, r: Request, new_ids, new_text: str, reason: str | None, error: str | None) -> RequestOutput:
+        logprobs = None if r.output_logprobs is None else tuple(r.output_logprobs)
         return RequestOutput(
             request_id=r.request_id, adapter=r.adapter, prompt_token_ids=tuple(r.prompt_ids), token_ids=tuple(r.output_ids),
             new_token_ids=tuple(new_ids), text=r.text, new_text=new_text, finished=reason is not None, finish_reason=reason,
             arrival_time=r.arrival_time, first_token_time=r.first_token_time,
             finished_time=time.monotonic() if reason is not None else None, error=error,
+            logprobs=logprobs, new_logprobs=logprobs[len(r.output_ids) - len(new_ids):] if logprobs is not None else (),
         )
 
     def _finish(self, r: Request, reason: str, new_ids=(), new_text: str = "", error: str | None = None) -> None:

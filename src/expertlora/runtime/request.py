@@ -24,6 +24,17 @@ FINISH_REASONS = ("stop", "length", "abort")
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default max_logprobs, OpenAI's chat limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw logits, before temperature,
+    top-k or top-p), and the ``logprobs`` likeliest tokens with theirs, likeliest first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest tokens'
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -51,6 +63,8 @@ class SamplingParams:
         check_int("top_k", self.top_k, 0)
         if self.seed is not None:
             check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.logprobs is not None:
+            check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         for name, value, low, high, low_open in (("temperature", self.temperature, 0.0, 100.0, False), ("top_p", self.top_p, 0.0, 1.0, True)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}: expected a finite number, found {value!r}")
@@ -89,6 +103,8 @@ class RequestOutput:
     first_token_time: float | None
     finished_time: float | None
     error: str | None = None  # why an aborted request ended, where it was not asked for
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of token_ids, where the request asked
+    new_logprobs: tuple[TokenLogprob, ...] = ()  # those of new_token_ids
 
     @property
     def prompt_tokens(self) -> int:
@@ -208,6 +224,7 @@ class Request:
     text: str = ""
     first_token_time: float | None = None
     finish_reason: str | None = None
+    output_logprobs: list[TokenLogprob] | None = None  # where sampling.logprobs is set
 
     @property
     def last_id(self) -> int:

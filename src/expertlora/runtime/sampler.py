@@ -7,7 +7,7 @@ import secrets
 
 import torch
 
-from .request import Request, SamplingParams
+from .request import Request, SamplingParams, TokenLogprob
 
 
 def new_generator(sampling: SamplingParams) -> torch.Generator | None:
@@ -41,3 +41,21 @@ def _draw(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator) -
         drop = probs.cumsum(-1) - probs >= s.top_p
         logits = logits.index_fill(0, order[drop], float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, requests: tuple[Request, ...], tokens: list[int]) -> list[TokenLogprob | None]:
+    """Each chosen token's log-probability (and the likeliest tokens') for the requests that ask,
+    from the raw logits as vLLM reports them; None for the others. One copy to the host."""
+    rows = [i for i, r in enumerate(requests) if r.sampling.logprobs is not None]
+    entries: list[TokenLogprob | None] = [None] * len(requests)
+    if not rows:
+        return entries
+    logp = logits[rows].float().log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor([tokens[i] for i in rows], device=logp.device)[:, None])[:, 0].tolist()
+    k = max(requests[i].sampling.logprobs for i in rows)
+    top = logp.topk(k, dim=-1) if k else None
+    values, ids = (top.values.tolist(), top.indices.tolist()) if k else ([], [])
+    for j, i in enumerate(rows):
+        n = requests[i].sampling.logprobs
+        entries[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(ids[j][:n], values[j][:n])) if n else ())
+    return entries
