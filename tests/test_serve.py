@@ -279,6 +279,44 @@ def test_adapter_inside_a_root_loads(served, tmp_path):
 # -- refusals ---------------------------------------------------------------------------------------
 
 
+def test_logprobs_over_http_are_the_engines(served, client):
+    """Completions' and chat's log-probabilities, whole and streamed, are the engine's for the same
+    request (fp32: 1e-5), in each API's form; a request without them has none."""
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(served.model_dir).convert_ids_to_tokens  # the word-level vocabulary: id -> word
+    name = lambda t: vocab([t])[0]  # noqa: E731
+    engine = served.engine
+    prompt = random_ids(6, seed=random.randrange(1 << 30))
+    mine = engine.generate([prompt], ["alpha"], [greedy(7, logprobs=3)])[0]
+    whole = complete(client, "alpha", prompt, 7, logprobs=3).choices[0]
+    assert tuple(whole.token_ids) == mine.token_ids
+    lp = whole.logprobs
+    assert lp.tokens == [name(t) for t in mine.token_ids]
+    assert max(abs(a - e.logprob) for a, e in zip(lp.token_logprobs, mine.logprobs)) <= 1e-5
+    for top, e, token in zip(lp.top_logprobs, mine.logprobs, lp.tokens):
+        want = {name(t): v for t, v in e.top} | {token: e.logprob}  # the chosen token too, as vLLM gives it
+        assert top.keys() == want.keys() and max(abs(top[k] - want[k]) for k in want) <= 1e-5
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    streamed = [c.choices[0].logprobs for c in complete(client, "alpha", prompt, 7, logprobs=3, stream=True)]
+    assert [t for c in streamed for t in c.tokens] == lp.tokens and [o for c in streamed for o in c.text_offset] == lp.text_offset
+    assert max(abs(a - b) for a, b in zip([v for c in streamed for v in c.token_logprobs], lp.token_logprobs)) <= 1e-5
+    assert complete(client, "alpha", prompt, 3).choices[0].logprobs is None
+
+    messages = [{"role": "user", "content": "t5 t9"}]
+    chat_ids = engine.prompt_ids(messages)
+    mine = engine.generate([chat_ids], ["alpha"], [greedy(5, logprobs=2)])[0]
+    r = client.chat.completions.create(model="alpha", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+                                       extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [name(t) for t in mine.token_ids]
+    assert all(c.bytes == list(c.token.encode()) and len(c.top_logprobs) == 2 for c in content)
+    assert max(abs(c.logprob - e.logprob) for c, e in zip(content, mine.logprobs)) <= 1e-5
+    assert [[t.token for t in c.top_logprobs] for c in content] == [[name(t) for t, _ in e.top] for e in mine.logprobs]
+    only_chosen = client.chat.completions.create(model="alpha", messages=messages, max_tokens=2, temperature=0, logprobs=True)
+    assert [len(c.top_logprobs) for c in only_chosen.choices[0].logprobs.content] == [0, 0]
+
+
 def test_bad_requests_are_400(served, client):
     p = random_ids(4, seed=random.randrange(1 << 30))
     chat = client.chat.completions.create
@@ -297,7 +335,13 @@ def test_bad_requests_are_400(served, client):
         (lambda: complete(client, "tiny", [], 4), "at least one token", "prompt"),
         (lambda: complete(client, "tiny", [1, True], 4), "expected a string or a list", "prompt"),
         (lambda: complete(client, "tiny", p, 4, frequency_penalty=0.5), "frequency_penalty: not supported", "frequency_penalty"),
-        (lambda: complete(client, "tiny", p, 4, logprobs=2), "logprobs: not supported", "logprobs"),
+        (lambda: complete(client, "tiny", p, 4, logprobs=21), "logprobs: expected an integer >= 0 and <= 20, found 21", "logprobs"),
+        (lambda: complete(client, "tiny", p, 4, logprobs=True), "logprobs: .*integer", "logprobs"),
+        (lambda: complete(client, "tiny", p, 4, logprobs=2, echo=True), "echo: not supported", "echo"),
+        (lambda: chat(model="tiny", messages=msgs, max_tokens=4, top_logprobs=2), "top_logprobs: needs logprobs = true", "top_logprobs"),
+        (lambda: chat(model="tiny", messages=msgs, max_tokens=4, logprobs=True, top_logprobs=21),
+         "top_logprobs: expected an integer >= 0 and <= 20, found 21", "top_logprobs"),
+        (lambda: chat(model="tiny", messages=msgs, max_tokens=4, logprobs=3), "logprobs: .*boolean", "logprobs"),
         (lambda: chat(model="tiny", messages=[], max_tokens=4), "messages", "messages"),
         (lambda: chat(model="tiny", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], max_tokens=4),
          "messages.0.content: only text parts .* found 'image_url'", "messages.0.content"),

@@ -4,16 +4,22 @@ or as server-sent event chunks, ending with ``data: [DONE]``.
 ``return_token_ids`` adds ``prompt_token_ids`` (the first chunk, or the whole answer) and the
 generated ``token_ids`` (each chunk's new ones) to each choice: the only content a checkpoint
 without a tokenizer can give.
+
+Log-probabilities, where asked, in each API's own form: completions' ``tokens`` /
+``token_logprobs`` / ``top_logprobs`` (the chosen token among them, as vLLM gives it) /
+``text_offset`` (where each token's own text starts, counting from the completion's start), and
+chat's ``content`` list of ``{token, logprob, bytes, top_logprobs}``. A token is named by its own
+decoded text (``token_text``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..runtime import RequestOutput
+from ..runtime import RequestOutput, TokenLogprob
 from .errors import error_body
 
 DONE = "data: [DONE]\n\n"
@@ -37,8 +43,10 @@ class Answer:
     chat: bool
     token_ids: bool
     include_usage: bool = False
+    token_text: Callable[[int], str] = str
     created: int = field(default_factory=lambda: int(time.time()))
     _started: bool = False
+    _text_offset: int = 0  # where the next token's text starts (completions' text_offset)
 
     def _head(self, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -51,10 +59,30 @@ class Answer:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
             choice |= {"text": out.text}
-        choice |= {"logprobs": None, "finish_reason": out.finish_reason}
+        choice |= {"logprobs": self._logprobs(out.logprobs), "finish_reason": out.finish_reason}
         if self.token_ids:
             choice |= {"prompt_token_ids": list(out.prompt_token_ids), "token_ids": list(out.token_ids)}
         return self._head(False) | {"choices": [choice], "usage": usage(out)}
+
+    def _logprobs(self, entries: tuple[TokenLogprob, ...] | None) -> dict | None:
+        if entries is None:
+            return None
+        text = self.token_text
+        if self.chat:
+            def named(token_id: int, logprob: float) -> dict:
+                token = text(token_id)
+                return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+            return {"content": [named(e.token_id, e.logprob) | {"top_logprobs": [named(t, lp) for t, lp in e.top]} for e in entries],
+                    "refusal": None}
+        tokens = [text(e.token_id) for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(self._text_offset)
+            self._text_offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{text(t): lp for t, lp in e.top} | {token: e.logprob} for token, e in zip(tokens, entries)],
+                "text_offset": offsets}
 
     def chunks(self, out: RequestOutput) -> Iterator[str]:
         """The SSE events for one output (none for one that adds nothing a client would see)."""
@@ -62,7 +90,7 @@ class Answer:
             yield sse(error_body(500, f"the request failed: {out.error}", None, "internal_error"))
             return
         first = not self._started
-        if not (first or out.new_text or out.finished or (self.token_ids and out.new_token_ids)):
+        if not (first or out.new_text or out.finished or out.new_logprobs or (self.token_ids and out.new_token_ids)):
             return
         self._started = True
         if self.chat:
@@ -70,7 +98,7 @@ class Answer:
             choice = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": out.new_text}
-        choice |= {"logprobs": None, "finish_reason": out.finish_reason}
+        choice |= {"logprobs": self._logprobs(out.new_logprobs if out.logprobs is not None else None), "finish_reason": out.finish_reason}
         if self.token_ids:
             if first:
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)

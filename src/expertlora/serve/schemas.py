@@ -49,10 +49,9 @@ class _Generation(_Body):
     frequency_penalty: Any = None
     presence_penalty: Any = None
     logit_bias: Any = None
-    logprobs: Any = None
 
     NEUTRAL: ClassVar[dict[str, tuple]] = {"frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-                                  "logit_bias": (None, {}), "logprobs": (None, False)}
+                                  "logit_bias": (None, {})}
 
     def check_supported(self) -> None:
         """Refuse (400, naming the field) what would change the output but is not implemented."""
@@ -76,15 +75,24 @@ class _Generation(_Body):
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=0 if self.top_k in (None, -1) else self.top_k,
                 seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+                logprobs=self.requested_logprobs(),
             )
         except ValueError as e:  # SamplingParams names the field first: "top_p: expected ..."
             message, field = str(e), str(e).split(":", 1)[0]
             if field == "max_tokens" and self.max_tokens is None:  # the value came as a chat request's max_completion_tokens
                 message, field = "max_completion_tokens" + message.removeprefix("max_tokens"), "max_completion_tokens"
+            if field == "logprobs" and self.LOGPROBS_FIELD != "logprobs":  # chat's count is top_logprobs
+                message, field = self.LOGPROBS_FIELD + message.removeprefix("logprobs"), self.LOGPROBS_FIELD
             raise APIError(400, message, field, "invalid_value") from None
+
+    LOGPROBS_FIELD: ClassVar[str] = "logprobs"  # the field that carries the number of alternatives
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        """Alternatives per token for the engine (None: no log-probabilities)."""
+        raise NotImplementedError
 
     @property
     def include_usage(self) -> bool:
@@ -95,11 +103,12 @@ class CompletionRequest(_Generation):
     """POST /v1/completions. ``prompt``: text or token ids (one prompt per request)."""
 
     prompt: Any
+    logprobs: StrictInt | None = None  # the likeliest tokens per position, beside the chosen one's
     echo: Any = None
     best_of: Any = None
     suffix: Any = None
 
-    NEUTRAL: ClassVar[dict[str, tuple]] = {**_Generation.NEUTRAL, "logprobs": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
+    NEUTRAL: ClassVar[dict[str, tuple]] = {**_Generation.NEUTRAL, "echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -114,6 +123,9 @@ class CompletionRequest(_Generation):
         if isinstance(value, list) and len(value) <= MAX_PROMPT_IDS and all(type(t) is int for t in value):
             return value
         raise ValueError(f"expected a string or a list of at most {MAX_PROMPT_IDS} token ids")
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(_Body):
@@ -144,13 +156,20 @@ class ChatCompletionRequest(_Generation):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
     max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
-    top_logprobs: Any = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None  # with logprobs: the likeliest tokens per position
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
 
-    NEUTRAL: ClassVar[dict[str, tuple]] = {**_Generation.NEUTRAL, "top_logprobs": (None,), "response_format": (None, {"type": "text"}),
+    NEUTRAL: ClassVar[dict[str, tuple]] = {**_Generation.NEUTRAL, "response_format": (None, {"type": "text"}),
                 "tools": (None, []), "tool_choice": (None, "none")}
+    LOGPROBS_FIELD: ClassVar[str] = "top_logprobs"
+
+    def requested_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs = true", "top_logprobs", "invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:

@@ -3,10 +3,12 @@ blocking engine calls to, the requests it is answering, whether it is draining."
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from ..runtime import Engine, RequestHandle
@@ -31,6 +33,8 @@ class ServerState:
         self._inflight: weakref.WeakSet[RequestHandle] = weakref.WeakSet()  # answers being written
         self._inflight_lock = threading.Lock()  # the event loop adds, a stopping thread reads
         self.draining = False
+        # a token's own text, as log-probabilities name it (decoded on the event loop: cached)
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(partial(token_text, engine.tokenizer))
 
     def resolve_model(self, model: str) -> str | None:
         """A request's ``model`` -> its adapter (None: the base). Accepted: the served name, an
@@ -78,3 +82,10 @@ class ServerState:
     def shutdown_threads(self) -> None:
         self.admission.shutdown(wait=False, cancel_futures=True)
         self.adapter_ops.shutdown(wait=False, cancel_futures=True)
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token's text, special tokens included; ``token_id:N`` (vLLM's form) without a tokenizer."""
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id], skip_special_tokens=False)
