@@ -350,6 +350,42 @@ def test_prompts_file_lines_are_checked(tmp_path):
     assert openai_named.sampling.max_tokens == 5  # OpenAI's name for max_new_tokens
 
 
+def test_run_prompts_file_answers_each_line(tmp_path, model_dir, fused_adapter):
+    """``expertlora run --prompts-file``: one JSON result per line (in finishing order, by id), each
+    the engine's answer to that request alone; log-probabilities only where a line asks."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from expertlora.cli import app
+
+    math_dir, _, _ = fused_adapter("qwen3_moe")
+    lines = [{"id": "base", "prompt_ids": ids(5, 1), "max_new_tokens": 4, "ignore_eos": True},
+             {"id": "math", "prompt_ids": ids(7, 2), "adapter": "math", "max_tokens": 5, "ignore_eos": True, "logprobs": 2},
+             {"id": "hot", "prompt_ids": ids(4, 3), "adapter": "math", "max_new_tokens": 3, "temperature": 1.0, "seed": 5, "ignore_eos": True}]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    model = model_dir("qwen3_moe")
+    result = CliRunner().invoke(app, ["run", str(model), "--adapter", f"math={math_dir}", "--method", "fp32", "--prompts-file", str(path),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.stderr
+    answers = {a["id"]: a for a in map(json.loads, result.stdout.splitlines())}
+    assert answers.keys() == {"base", "math", "hot"}
+    with Engine(EngineConfig(model, method="fp32", adapters={"math": math_dir}, max_model_len=64)) as e:
+        for line in lines:
+            s = SamplingParams(max_tokens=line.get("max_new_tokens", line.get("max_tokens")), temperature=line.get("temperature", 0.0),
+                               seed=line.get("seed"), ignore_eos=True, logprobs=line.get("logprobs"))
+            alone = e.generate([line["prompt_ids"]], [line.get("adapter")], [s])[0]
+            answer = answers[line["id"]]
+            assert answer["token_ids"] == list(alone.token_ids) and answer["adapter"] == line.get("adapter"), line["id"]
+            if "logprobs" not in line:
+                assert "logprobs" not in answer
+                continue
+            assert [x["token_id"] for x in answer["logprobs"]] == answer["token_ids"]
+            assert all(len(x["top"]) == 2 for x in answer["logprobs"])
+            assert max(abs(x["logprob"] - y.logprob) for x, y in zip(answer["logprobs"], alone.logprobs)) <= 1e-5
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_graph_decode_equals_eager(family, model_dir, fused_adapter, second_adapter):

@@ -3,7 +3,8 @@
 Each line is one JSON object: ``id`` (string), exactly one of ``prompt_ids`` (token ids),
 ``prompt`` (text) or ``messages`` (chat), and optionally ``adapter`` (a loaded name; null or absent:
 the base), ``max_new_tokens`` (or OpenAI's name, ``max_tokens``), ``temperature``, ``top_p``,
-``top_k``, ``seed``, ``stop``, ``ignore_eos``. Every line is checked before anything runs; a bad
+``top_k``, ``seed``, ``stop``, ``ignore_eos``, ``logprobs`` (alternatives per token, up to 20: the
+result then holds each generated token's ``{token_id, logprob, top}``). Every line is checked before anything runs; a bad
 one is an error naming it.
 """
 
@@ -22,7 +23,7 @@ MAX_FILE_BYTES = 1 << 30
 MAX_LINES = 1_000_000
 PROMPT_KEYS = ("prompt_ids", "prompt", "messages")
 SAMPLING_KEYS = {"max_new_tokens": "max_tokens", "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                 "seed": "seed", "stop": "stop", "ignore_eos": "ignore_eos"}
+                 "seed": "seed", "stop": "stop", "ignore_eos": "ignore_eos", "logprobs": "logprobs"}
 KNOWN_KEYS = {"id", "adapter", *PROMPT_KEYS, *SAMPLING_KEYS}
 
 
@@ -149,7 +150,10 @@ def run_jobs(engine: Engine, jobs: list[Job], prompt_ids: list[list[int]], emit:
 
 
 def result_json(job: Job, out: RequestOutput) -> dict:
-    return {
+    result = {
         "id": job.id, "adapter": out.adapter, "token_ids": list(out.token_ids), "text": out.text,
         "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
     }
+    if out.logprobs is not None:  # asked for: one per generated token
+        result["logprobs"] = [{"token_id": e.token_id, "logprob": e.logprob, "top": [list(t) for t in e.top]} for e in out.logprobs]
+    return result
