@@ -5,6 +5,8 @@ requests run, and the refusals."""
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -485,3 +487,26 @@ def test_logprobs_are_the_models_for_each_request(model_dir, fused_adapter):
                 assert max(abs(v - w) for (_, v), w in zip(entry.top, want.values.tolist())) <= 1e-5 * max(1.0, abs(want.values.min().item()))
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+def test_prompt_logprobs_across_prefill_chunks(model_dir, fused_adapter):
+    """Prompt tokens' log-probabilities (after the first) of prompts prefilled in chunks of 4,
+    beside a request that asks for none and decodes meanwhile: transformers + PEFT's (fp32, 1e-5)."""
+    math_dir, peft_math, _ = fused_adapter("qwen3_moe")
+    asks = [("math", 2, 11), (None, 0, 6), ("math", None, 9), (None, 3, 1)]  # (adapter, prompt_logprobs, prompt length)
+    prompts = [ids(n, 60 + i) for i, (_, _, n) in enumerate(asks)]
+    sampling = [SamplingParams(max_tokens=3, ignore_eos=True, prompt_logprobs=k) for _, k, _ in asks]
+    config = EngineConfig(model_dir("qwen3_moe"), method="fp32", adapters={"math": math_dir}, max_num_seqs=4, max_prefill_tokens=4, max_model_len=48)
+    with Engine(config) as e:
+        outs = e.generate(prompts, [a for a, *_ in asks], sampling)
+    for out, prompt, (adapter, k, n) in zip(outs, prompts, asks):
+        if k is None:
+            assert out.prompt_logprobs is None
+            continue
+        assert len(out.prompt_logprobs) == n and out.prompt_logprobs[0] is None
+        x = torch.tensor([prompt])
+        with torch.no_grad(), (peft_math.disable_adapter() if adapter is None else contextlib.nullcontext()):
+            ref = peft_math(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, :-1].double().log_softmax(-1)
+        for entry, row, target in zip(out.prompt_logprobs[1:], ref, prompt[1:]):
+            assert entry.token_id == target and abs(entry.logprob - row[target].item()) <= 1e-5 * max(1.0, abs(row[target].item()))
+            assert [t for t, _ in entry.top] == row.topk(k).indices.tolist()

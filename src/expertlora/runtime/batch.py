@@ -3,7 +3,8 @@
 Rows: first one token per decoding request, then each prefill chunk's prompt tokens. Every row
 carries its request's adapter slot (for the routed experts and the non-expert LoRA alike), its
 cache slot and its position; ``logits_rows`` are the rows whose next token is sampled (every
-decode row, and the last row of a chunk that ends its prompt).
+decode row, and the last row of a chunk that ends its prompt), then the rows of prompt tokens
+whose requests ask for their log-probabilities (``scored``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ class StepBatch:
     positions: torch.Tensor  # [1, T]
     adapter_slots: torch.Tensor  # [T] engine adapter slot per token, NO_ADAPTER for none (on the CPU)
     plan: AttentionPlan
-    logits_rows: torch.Tensor  # [n]
-    sampled: tuple[Request, ...]  # the request of each logits row, in order
+    logits_rows: torch.Tensor  # [n + m]
+    sampled: tuple[Request, ...]  # the request of each of the first n logits rows, in order
+    # then (request, position p, count): count rows, the first predicting prompt token p + 1
+    scored: tuple[tuple[Request, int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -38,6 +41,7 @@ def build_batch(
     device: torch.device,
 ) -> StepBatch:
     ids, positions, slots, adapters, rows, sampled, chunks = [], [], [], [], [], [], []
+    score_rows, scored = [], []
     for r in decodes:
         rows.append(len(ids))
         ids.append(r.last_id)
@@ -53,6 +57,11 @@ def build_batch(
         positions += range(start, start + n)
         slots += [r.cache_slot] * n
         adapters += [adapter_slot(r.adapter)] * n
+        if r.sampling.prompt_logprobs is not None:  # rows that predict a prompt token (not the first output)
+            count = min(start + n, len(r.prompt_ids) - 1) - start
+            if count > 0:
+                score_rows += range(len(ids) - n, len(ids) - n + count)
+                scored.append((r, start, count))
         if start + n == len(r.prompt_ids):
             rows.append(len(ids) - 1)
             sampled.append(r)
@@ -76,6 +85,7 @@ def build_batch(
         positions=token_positions[None],
         adapter_slots=torch.tensor(adapters, dtype=torch.long),
         plan=plan,
-        logits_rows=on_device(rows),
+        logits_rows=on_device(rows + score_rows),
         sampled=tuple(sampled),
+        scored=tuple(scored),
     )

@@ -42,7 +42,7 @@ from .errors import EngineClosed, QueueFull, RequestError
 from .kv_cache import KVCache
 from .request import Request, RequestHandle, RequestOutput, SamplingParams, TokenLogprob
 from .runner import ModelRunner
-from .sampler import new_generator, sample, token_logprobs
+from .sampler import logprob_entries, new_generator, sample, token_logprobs
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ class Engine:
         handle = RequestHandle(request_id, adapter, tuple(ids), self)
         request = Request(request_id, ids, adapter, sampling, handle, frozenset() if sampling.ignore_eos else self.eos_ids,
                           generator=new_generator(sampling), detokenizer=IncrementalText(self.tokenizer),
-                          output_logprobs=None if sampling.logprobs is None else [])
+                          output_logprobs=None if sampling.logprobs is None else [],
+                          prompt_logprobs=None if sampling.prompt_logprobs is None else [None])  # nothing predicts the first
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is shutting down")
@@ -318,9 +319,23 @@ class Engine:
             r.num_computed += n
         self._steps += 1
         now = time.monotonic()
+        if batch.scored:
+            self._score_prompts(batch, logits[len(batch.sampled):])
+            logits = logits[: len(batch.sampled)]
         tokens = sample(logits, batch.sampled)
         for r, token, logprob in zip(batch.sampled, tokens, token_logprobs(logits, batch.sampled, tokens)):
             self._append(r, token, logprob, now)
+
+    @staticmethod
+    def _score_prompts(batch, logits: torch.Tensor) -> None:
+        """The prompt tokens' log-probabilities of this step's chunks, for the requests that ask."""
+        targets, ks = [], []
+        for r, p, count in batch.scored:
+            targets += r.prompt_ids[p + 1 : p + 1 + count]
+            ks += [r.sampling.prompt_logprobs] * count
+        entries = iter(logprob_entries(logits, targets, ks))
+        for r, _, count in batch.scored:
+            r.prompt_logprobs += [next(entries) for _ in range(count)]
 
     def _admit(self, request: Request) -> None:
         self._requests[request.request_id] = request
@@ -352,12 +367,18 @@ class Engine:
 
     def _output(self, r: Request, new_ids, new_text: str, reason: str | None, error: str | None) -> RequestOutput:
         logprobs = None if r.output_logprobs is None else tuple(r.output_logprobs)
+        prompt_logprobs = None
+        if r.prompt_logprobs is not None and not r.prefilling:  # complete once the prompt is in
+            if not isinstance(r.prompt_logprobs, tuple):
+                r.prompt_logprobs = tuple(r.prompt_logprobs)  # once: later outputs share it
+            prompt_logprobs = r.prompt_logprobs
         return RequestOutput(
             request_id=r.request_id, adapter=r.adapter, prompt_token_ids=tuple(r.prompt_ids), token_ids=tuple(r.output_ids),
             new_token_ids=tuple(new_ids), text=r.text, new_text=new_text, finished=reason is not None, finish_reason=reason,
             arrival_time=r.arrival_time, first_token_time=r.first_token_time,
             finished_time=time.monotonic() if reason is not None else None, error=error,
             logprobs=logprobs, new_logprobs=logprobs[len(r.output_ids) - len(new_ids):] if logprobs is not None else (),
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _finish(self, r: Request, reason: str, new_ids=(), new_text: str = "", error: str | None = None) -> None:

@@ -55,6 +55,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest tokens'
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -63,8 +64,9 @@ class SamplingParams:
         check_int("top_k", self.top_k, 0)
         if self.seed is not None:
             check_int("seed", self.seed, 0, 2**63 - 1)
-        if self.logprobs is not None:
-            check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 0, MAX_LOGPROBS)
         for name, value, low, high, low_open in (("temperature", self.temperature, 0.0, 100.0, False), ("top_p", self.top_p, 0.0, 1.0, True)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}: expected a finite number, found {value!r}")
@@ -105,6 +107,8 @@ class RequestOutput:
     error: str | None = None  # why an aborted request ended, where it was not asked for
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token of token_ids, where the request asked
     new_logprobs: tuple[TokenLogprob, ...] = ()  # those of new_token_ids
+    # one per prompt token, where the request asked: None for the first (nothing predicts it)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -225,6 +229,7 @@ class Request:
     first_token_time: float | None = None
     finish_reason: str | None = None
     output_logprobs: list[TokenLogprob] | None = None  # where sampling.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | tuple | None = None  # where asked: filled chunk by chunk, a tuple once complete
 
     @property
     def last_id(self) -> int:

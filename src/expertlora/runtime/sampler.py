@@ -45,17 +45,21 @@ def _draw(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator) -
 
 def token_logprobs(logits: torch.Tensor, requests: tuple[Request, ...], tokens: list[int]) -> list[TokenLogprob | None]:
     """Each chosen token's log-probability (and the likeliest tokens') for the requests that ask,
-    from the raw logits as vLLM reports them; None for the others. One copy to the host."""
+    from the raw logits as vLLM reports them; None for the others."""
     rows = [i for i, r in enumerate(requests) if r.sampling.logprobs is not None]
     entries: list[TokenLogprob | None] = [None] * len(requests)
-    if not rows:
-        return entries
-    logp = logits[rows].float().log_softmax(-1)
-    chosen = logp.gather(1, torch.tensor([tokens[i] for i in rows], device=logp.device)[:, None])[:, 0].tolist()
-    k = max(requests[i].sampling.logprobs for i in rows)
-    top = logp.topk(k, dim=-1) if k else None
-    values, ids = (top.values.tolist(), top.indices.tolist()) if k else ([], [])
-    for j, i in enumerate(rows):
-        n = requests[i].sampling.logprobs
-        entries[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(ids[j][:n], values[j][:n])) if n else ())
+    found = logprob_entries(logits[rows], [tokens[i] for i in rows], [requests[i].sampling.logprobs for i in rows]) if rows else []
+    for i, entry in zip(rows, found):
+        entries[i] = entry
     return entries
+
+
+def logprob_entries(logits: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """Row i of ``logits`` [n, V]: the log-probability of ``targets[i]`` and the ``ks[i]`` likeliest
+    tokens'. One copy to the host."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+    k = max(ks)
+    values, ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprob(t, c, tuple(zip(i[:n], v[:n]))) for t, c, i, v, n in zip(targets, chosen, ids, values, ks)]
