@@ -317,6 +317,29 @@ def test_logprobs_over_http_are_the_engines(served, client):
     assert [len(c.top_logprobs) for c in only_chosen.choices[0].logprobs.content] == [0, 0]
 
 
+def test_echo_scores_the_prompt_as_lm_eval_asks(served, client):
+    """lm-eval's loglikelihood request (echo, logprobs 1, max_tokens 1): the prompt's text and
+    tokens come first, the first token's log-probability null, the others the engine's prompt
+    log-probabilities (fp32: 1e-5); streamed, the first chunk carries them."""
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(served.model_dir).convert_ids_to_tokens
+    prompt = random_ids(8, seed=random.randrange(1 << 30))
+    mine = served.engine.generate([prompt], ["alpha"], [greedy(1, logprobs=1, prompt_logprobs=1)])[0]
+    for text_prompt in (False, True):
+        r = complete(client, "alpha", as_text(prompt) if text_prompt else prompt, 1, logprobs=1, echo=True).choices[0]
+        assert r.text == as_text(prompt) + as_text(mine.token_ids)
+        lp = r.logprobs
+        assert lp.tokens == vocab(prompt + list(mine.token_ids))
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        wanted = [e.logprob for e in mine.prompt_logprobs[1:]] + [mine.logprobs[0].logprob]
+        assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], wanted)) <= 1e-5
+        assert all(len(top) in (1, 2) and token in top for top, token in zip(lp.top_logprobs[1:], lp.tokens[1:]))
+    chunks = [c.choices[0] for c in complete(client, "alpha", prompt, 3, logprobs=0, echo=True, stream=True)]
+    assert chunks[0].text.startswith(as_text(prompt)) and chunks[0].logprobs.tokens[: len(prompt)] == vocab(prompt)
+    assert "".join(c.text for c in chunks) == complete(client, "alpha", prompt, 3, echo=True).choices[0].text
+
+
 def test_bad_requests_are_400(served, client):
     p = random_ids(4, seed=random.randrange(1 << 30))
     chat = client.chat.completions.create
@@ -337,7 +360,7 @@ def test_bad_requests_are_400(served, client):
         (lambda: complete(client, "tiny", p, 4, frequency_penalty=0.5), "frequency_penalty: not supported", "frequency_penalty"),
         (lambda: complete(client, "tiny", p, 4, logprobs=21), "logprobs: expected an integer >= 0 and <= 20, found 21", "logprobs"),
         (lambda: complete(client, "tiny", p, 4, logprobs=True), "logprobs: .*integer", "logprobs"),
-        (lambda: complete(client, "tiny", p, 4, logprobs=2, echo=True), "echo: not supported", "echo"),
+        (lambda: complete(client, "tiny", p, 4, echo="yes"), "echo: .*boolean", "echo"),
         (lambda: chat(model="tiny", messages=msgs, max_tokens=4, top_logprobs=2), "top_logprobs: needs logprobs = true", "top_logprobs"),
         (lambda: chat(model="tiny", messages=msgs, max_tokens=4, logprobs=True, top_logprobs=21),
          "top_logprobs: expected an integer >= 0 and <= 20, found 21", "top_logprobs"),

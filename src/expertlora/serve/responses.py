@@ -44,6 +44,7 @@ class Answer:
     token_ids: bool
     include_usage: bool = False
     token_text: Callable[[int], str] = str
+    echo: Callable[[RequestOutput], str] | None = None  # completions' echo: the prompt's text
     created: int = field(default_factory=lambda: int(time.time()))
     _started: bool = False
     _text_offset: int = 0  # where the next token's text starts (completions' text_offset)
@@ -58,16 +59,21 @@ class Answer:
         if self.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
-            choice |= {"text": out.text}
-        choice |= {"logprobs": self._logprobs(out.logprobs), "finish_reason": out.finish_reason}
+            choice |= {"text": self._echoed(out, True) + out.text}
+        choice |= {"logprobs": self._logprobs(out, out.logprobs, True), "finish_reason": out.finish_reason}
         if self.token_ids:
             choice |= {"prompt_token_ids": list(out.prompt_token_ids), "token_ids": list(out.token_ids)}
         return self._head(False) | {"choices": [choice], "usage": usage(out)}
 
-    def _logprobs(self, entries: tuple[TokenLogprob, ...] | None) -> dict | None:
+    def _echoed(self, out: RequestOutput, first: bool) -> str:
+        return self.echo(out) if self.echo is not None and first else ""
+
+    def _logprobs(self, out: RequestOutput, entries: tuple[TokenLogprob, ...] | None, first: bool) -> dict | None:
         if entries is None:
             return None
         text = self.token_text
+        if self.echo is not None and first and out.prompt_logprobs is not None:  # the prompt's tokens first
+            return self._completion_logprobs(list(zip(out.prompt_token_ids, out.prompt_logprobs)) + [(e.token_id, e) for e in entries])
         if self.chat:
             def named(token_id: int, logprob: float) -> dict:
                 token = text(token_id)
@@ -75,13 +81,18 @@ class Answer:
 
             return {"content": [named(e.token_id, e.logprob) | {"top_logprobs": [named(t, lp) for t, lp in e.top]} for e in entries],
                     "refusal": None}
-        tokens = [text(e.token_id) for e in entries]
+        return self._completion_logprobs([(e.token_id, e) for e in entries])
+
+    def _completion_logprobs(self, entries: list[tuple[int, TokenLogprob | None]]) -> dict:
+        """Completions' form; an echoed prompt's first token has no log-probability (null)."""
+        text = self.token_text
+        tokens = [text(t) for t, _ in entries]
         offsets = []
         for token in tokens:
             offsets.append(self._text_offset)
             self._text_offset += len(token)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{text(t): lp for t, lp in e.top} | {token: e.logprob} for token, e in zip(tokens, entries)],
+        return {"tokens": tokens, "token_logprobs": [e.logprob if e else None for _, e in entries],
+                "top_logprobs": [{text(t): lp for t, lp in e.top} | {token: e.logprob} if e else None for token, (_, e) in zip(tokens, entries)],
                 "text_offset": offsets}
 
     def chunks(self, out: RequestOutput) -> Iterator[str]:
@@ -97,8 +108,9 @@ class Answer:
             delta = {"role": "assistant", "content": out.new_text} if first else {"content": out.new_text}
             choice = {"index": 0, "delta": delta}
         else:
-            choice = {"index": 0, "text": out.new_text}
-        choice |= {"logprobs": self._logprobs(out.new_logprobs if out.logprobs is not None else None), "finish_reason": out.finish_reason}
+            choice = {"index": 0, "text": self._echoed(out, first) + out.new_text}
+        new = out.new_logprobs if out.logprobs is not None else None
+        choice |= {"logprobs": self._logprobs(out, new, first), "finish_reason": out.finish_reason}
         if self.token_ids:
             if first:
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)

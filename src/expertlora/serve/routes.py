@@ -57,7 +57,10 @@ async def _generate(state: ServerState, request: Request, body, prompt, chat: bo
     handle = await _admit(state, partial(_add_request, state, prompt, adapter, body, chat, request_id))
     state.answering(handle)
     tracker = state.metrics.track(adapter, arrival)
-    answer = Answer(request_id, body.model, chat, body.return_token_ids, body.include_usage, state.token_text)
+    echo = None
+    if not chat and body.echo:
+        echo = (lambda out: prompt) if isinstance(prompt, str) else (lambda out: state.prompt_text(out.prompt_token_ids))
+    answer = Answer(request_id, body.model, chat, body.return_token_ids, body.include_usage, state.token_text, echo)
     if body.stream:
         return StreamingResponse(_events(handle, tracker, answer), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -75,7 +75,7 @@ class _Generation(_Body):
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=0 if self.top_k in (None, -1) else self.top_k,
                 seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-                logprobs=self.requested_logprobs(),
+                logprobs=self.requested_logprobs(), prompt_logprobs=self.requested_prompt_logprobs(),
             )
         except ValueError as e:  # SamplingParams names the field first: "top_p: expected ..."
             message, field = str(e), str(e).split(":", 1)[0]
@@ -94,6 +94,9 @@ class _Generation(_Body):
         """Alternatives per token for the engine (None: no log-probabilities)."""
         raise NotImplementedError
 
+    def requested_prompt_logprobs(self) -> int | None:
+        return None
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -104,11 +107,11 @@ class CompletionRequest(_Generation):
 
     prompt: Any
     logprobs: StrictInt | None = None  # the likeliest tokens per position, beside the chosen one's
-    echo: Any = None
+    echo: StrictBool | None = None  # the prompt before the completion (with logprobs: the prompt tokens' too)
     best_of: Any = None
     suffix: Any = None
 
-    NEUTRAL: ClassVar[dict[str, tuple]] = {**_Generation.NEUTRAL, "echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
+    NEUTRAL: ClassVar[dict[str, tuple]] = {**_Generation.NEUTRAL, "best_of": (None, 1), "suffix": (None, "")}
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -126,6 +129,9 @@ class CompletionRequest(_Generation):
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    def requested_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class ChatMessage(_Body):

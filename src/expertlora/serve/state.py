@@ -36,6 +36,11 @@ class ServerState:
         # a token's own text, as log-probabilities name it (decoded on the event loop: cached)
         self.token_text = functools.lru_cache(maxsize=1 << 16)(partial(token_text, engine.tokenizer))
 
+    def prompt_text(self, ids) -> str:
+        """A token-id prompt as text (completions' echo), as the engine's output text is decoded."""
+        tokenizer = self.engine.tokenizer
+        return "" if tokenizer is None else tokenizer.decode(list(ids), skip_special_tokens=True)
+
     def resolve_model(self, model: str) -> str | None:
         """A request's ``model`` -> its adapter (None: the base). Accepted: the served name, an
         adapter's name, ``served:adapter`` (SGLang's form)."""
