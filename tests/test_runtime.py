@@ -510,3 +510,20 @@ def test_prompt_logprobs_across_prefill_chunks(model_dir, fused_adapter):
         for entry, row, target in zip(out.prompt_logprobs[1:], ref, prompt[1:]):
             assert entry.token_id == target and abs(entry.logprob - row[target].item()) <= 1e-5 * max(1.0, abs(row[target].item()))
             assert [t for t, _ in entry.top] == row.topk(k).indices.tolist()
+
+
+def test_logprob_entries_in_blocks_are_the_float64_math(monkeypatch):
+    """Rows taken a few at a time (blocks of 3 here) give each row's own figures: the target's
+    log-probability and its k likeliest tokens, k from 0 to more than a block."""
+    from expertlora.runtime import sampler
+
+    monkeypatch.setattr(sampler, "SCORE_BLOCK_ROWS", 3)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    logits = torch.randn(8, 50, generator=g) * 3
+    targets = torch.randint(0, 50, (8,), generator=g).tolist()
+    ks = [0, 2, 5, 1, 0, 3, 20, 4]
+    ref = logits.double().log_softmax(-1)
+    for i, entry in enumerate(sampler.logprob_entries(logits, targets, ks)):
+        assert entry.token_id == targets[i] and abs(entry.logprob - ref[i, targets[i]].item()) <= 1e-6 * max(1, abs(ref[i, targets[i]].item()))
+        assert [t for t, _ in entry.top] == (ref[i].topk(ks[i]).indices.tolist() if ks[i] else [])
+        assert all(abs(v - ref[i, t].item()) <= 1e-5 for t, v in entry.top)

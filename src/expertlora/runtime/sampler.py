@@ -9,6 +9,8 @@ import torch
 
 from .request import Request, SamplingParams, TokenLogprob
 
+SCORE_BLOCK_ROWS = 256  # log-probabilities are taken this many rows at a time
+
 
 def new_generator(sampling: SamplingParams) -> torch.Generator | None:
     """The request's generator; None for greedy requests (they draw nothing)."""
@@ -56,10 +58,14 @@ def token_logprobs(logits: torch.Tensor, requests: tuple[Request, ...], tokens: 
 
 def logprob_entries(logits: torch.Tensor, targets: list[int], ks: list[int]) -> list[TokenLogprob]:
     """Row i of ``logits`` [n, V]: the log-probability of ``targets[i]`` and the ``ks[i]`` likeliest
-    tokens'. One copy to the host."""
-    logp = logits.float().log_softmax(-1)
-    chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
-    k = max(ks)
-    values, ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
-    values, ids = values.tolist(), ids.tolist()
-    return [TokenLogprob(t, c, tuple(zip(i[:n], v[:n]))) for t, c, i, v, n in zip(targets, chosen, ids, values, ks)]
+    tokens'. In blocks of rows, so a long prompt's scores never hold [n, V] in fp32 at once."""
+    entries = []
+    for at in range(0, len(targets), SCORE_BLOCK_ROWS):
+        block = slice(at, at + SCORE_BLOCK_ROWS)
+        logp = logits[block].float().log_softmax(-1)
+        chosen = logp.gather(1, torch.tensor(targets[block], device=logp.device)[:, None])[:, 0].tolist()
+        k = max(ks[block])
+        values, ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+        entries += [TokenLogprob(t, c, tuple(zip(i[:n], v[:n]))) for t, c, i, v, n in
+                    zip(targets[block], chosen, ids.tolist(), values.tolist(), ks[block])]
+    return entries
