@@ -313,6 +313,11 @@ def test_logprobs_over_http_are_the_engines(served, client):
     assert all(c.bytes == list(c.token.encode()) and len(c.top_logprobs) == 2 for c in content)
     assert max(abs(c.logprob - e.logprob) for c, e in zip(content, mine.logprobs)) <= 1e-5
     assert [[t.token for t in c.top_logprobs] for c in content] == [[name(t) for t, _ in e.top] for e in mine.logprobs]
+    stream = client.chat.completions.create(model="alpha", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+                                            stream=True, extra_body={"ignore_eos": True})
+    streamed = [c for chunk in stream for c in (chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else [])]
+    assert [(c.token, c.bytes, [t.token for t in c.top_logprobs]) for c in streamed] == \
+        [(c.token, c.bytes, [t.token for t in c.top_logprobs]) for c in content]
     only_chosen = client.chat.completions.create(model="alpha", messages=messages, max_tokens=2, temperature=0, logprobs=True)
     assert [len(c.top_logprobs) for c in only_chosen.choices[0].logprobs.content] == [0, 0]
 
