@@ -7,6 +7,7 @@ abort at once; a bounded concurrent load with adapters changing midway; graceful
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -343,6 +344,45 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(served, client):
     chunks = [c.choices[0] for c in complete(client, "alpha", prompt, 3, logprobs=0, echo=True, stream=True)]
     assert chunks[0].text.startswith(as_text(prompt)) and chunks[0].logprobs.tokens[: len(prompt)] == vocab(prompt)
     assert "".join(c.text for c in chunks) == complete(client, "alpha", prompt, 3, echo=True).choices[0].text
+
+
+ODD_VALUES = [None, True, False, 0, 1, 2, 5, 20, 21, -1, 2**63, 0.5, float("nan"), "", "x", [], [1], {}, {"a": 1}]
+
+
+def _odd_bodies():
+    from hypothesis import strategies as st
+
+    fields = ["logprobs", "top_logprobs", "echo", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "stream",
+              "return_token_ids", "n", "max_tokens", "max_completion_tokens", "stop_token_ids"]
+    return st.tuples(st.booleans(), st.dictionaries(st.sampled_from(fields), st.sampled_from(ODD_VALUES), max_size=5))
+
+
+def test_odd_generation_fields_are_answered_or_refused_never_500(served):
+    """Random combinations of the generation fields, sane and odd values, on both endpoints: each
+    answer is 200 (a whole body or a stream ending [DONE]) or a 400 naming a field, never a
+    server error; at most 3 tokens each, a bounded number of requests."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(_odd_bodies())
+    def check(case):
+        chat, fields = case
+        body = {"model": "alpha", "max_tokens": 3} | fields
+        body |= {"messages": [{"role": "user", "content": "t5"}]} if chat else {"prompt": [5, 7, 9]}
+        if body.get("max_tokens") not in (None, 0, 1, 2, 5) or body.get("max_completion_tokens") not in (None, 0, 1, 2, 5):
+            body["max_tokens"] = body["max_completion_tokens"] = 3  # long generations only cost time
+        r = httpx.post(f"{served.url}/v1/{'chat/completions' if chat else 'completions'}", content=json.dumps(body),  # NaN too (Python writes it; the parser reads it)
+                       headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code in (200, 400), (r.status_code, body, r.text)
+        if r.status_code == 400:
+            error = r.json()["error"]
+            assert error["type"] == "invalid_request_error" and error["message"] and "\n" not in error["message"], (body, error)
+        elif body.get("stream") is True:
+            assert r.text.rstrip().endswith("data: [DONE]"), (body, r.text[-200:])
+        else:
+            assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), (body, r.text)
+
+    check()
 
 
 def test_bad_requests_are_400(served, client):
