@@ -346,6 +346,29 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(served, client):
     assert "".join(c.text for c in chunks) == complete(client, "alpha", prompt, 3, echo=True).choices[0].text
 
 
+def test_n_choices_are_the_engines_with_seeds_in_turn(served, client):
+    """n = 3 samples of one prompt: choice i is the engine's answer with seed + i (as vLLM
+    seeds them), the prompt counted once in the usage; streamed, each choice's chunks carry its
+    index and add up to it; chat's n choices too."""
+    engine = served.engine
+    prompt = random_ids(5, seed=random.randrange(1 << 30))
+    hot = dict(temperature=1.0, top_p=0.9)
+    mine = [engine.generate([prompt], ["alpha"], [SamplingParams(max_tokens=6, seed=40 + i, ignore_eos=True, **hot)])[0] for i in range(3)]
+    r = complete(client, "alpha", prompt, 6, n=3, seed=40, **hot)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [tuple(c.token_ids) for c in r.choices] == [m.token_ids for m in mine]
+    assert len({tuple(c.token_ids) for c in r.choices}) > 1  # the seeds differ
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (5, 18, 23)
+    chunks = list(complete(client, "alpha", prompt, 6, n=3, seed=40, stream=True, stream_options={"include_usage": True}, **hot))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 18
+    for c in r.choices:
+        mine_chunks = [k.choices[0] for k in chunks[:-1] if k.choices[0].index == c.index]
+        assert "".join(k.text for k in mine_chunks) == c.text and [t for k in mine_chunks for t in k.token_ids] == c.token_ids
+        assert [k.finish_reason for k in mine_chunks][-1] == "length"
+    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "t5"}], max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
+
+
 ODD_VALUES = [None, True, False, 0, 1, 2, 5, 20, 21, -1, 2**63, 0.5, float("nan"), "", "x", [], [1], {}, {"a": 1}]
 
 
@@ -390,7 +413,8 @@ def test_bad_requests_are_400(served, client):
     chat = client.chat.completions.create
     msgs = [{"role": "user", "content": "t5"}]
     cases = [
-        (lambda: complete(client, "tiny", p, 4, n=2), "n: only n = 1", "n"),
+        (lambda: complete(client, "tiny", p, 4, n=17), "n: expected 1 to 16 choices, found 17", "n"),
+        (lambda: complete(client, "tiny", p, 4, n=0), "n: expected 1 to 16 choices, found 0", "n"),
         (lambda: complete(client, "tiny", p, 4, extra_body={"repetition_penalty": 1.2}), "repetition_penalty: unknown field", "repetition_penalty"),
         (lambda: complete(client, "tiny", [5, 96], 4), r"token id 96 is outside the vocabulary \[0, 96\)", "prompt"),
         (lambda: complete(client, "tiny", p, MAX_MODEL_LEN), "exceed the context of 2048", "max_tokens"),
@@ -467,7 +491,8 @@ def test_body_size_is_bounded(served):
 
 
 def test_in_use_adapter_and_disconnects(served, client):
-    """Unloading an adapter a request uses is 409; a client that goes away aborts its request at once."""
+    """Unloading an adapter a request uses is 409; a client that goes away aborts its request (all
+    its n choices) at once."""
     engine, url = served.engine, served.url
     prompt = random_ids(3, seed=random.randrange(1 << 30))
 
@@ -492,6 +517,15 @@ def test_in_use_adapter_and_disconnects(served, client):
                                                    "ignore_eos": True}, timeout=0.3)
     wait_for(lambda: aborted() == before + 2, what="the plain request's abort")
     wait_for(lambda: engine.stats().running == 0, what="the engine to stop the request")
+    assert engine.stats().steps - steps < LONG // 2
+    # n choices: a client leaving a stream aborts every one of them
+    steps = engine.stats().steps
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{url}/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": LONG, "n": 3,
+                                                                "temperature": 1, "ignore_eos": True, "stream": True}) as r:
+            assert next(r.iter_lines()).startswith("data: ")
+    wait_for(lambda: aborted() == before + 5, what="the three choices' aborts")
+    wait_for(lambda: engine.stats().running == 0 and engine.stats().kv_slots_used == 0, what="the choices' cache slots to be free")
     assert engine.stats().steps - steps < LONG // 2
     text = httpx.get(f"{url}/metrics", timeout=10).text
     assert metric(text, "expertlora_requests_running") == 0 and metric(text, "expertlora_kv_cache_usage_ratio") == 0

@@ -29,14 +29,26 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def usage(out: RequestOutput) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
+def usage(outs: list[RequestOutput]) -> dict:
+    """One prompt, its n completions: the prompt counted once, as OpenAI counts it."""
+    prompt, completion = outs[0].prompt_tokens, sum(o.completion_tokens for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def whole(answers: list[Answer], outs: list[RequestOutput]) -> dict:
+    """The non-streaming body of a finished request: one choice per answer."""
+    return answers[0].head(False) | {"choices": [a.choice(out) for a, out in zip(answers, outs)], "usage": usage(outs)}
+
+
+def usage_event(answers: list[Answer], outs: list[RequestOutput]) -> str:
+    """The last event of a stream with ``include_usage``, once every choice has finished."""
+    return sse(answers[0].head(True) | {"choices": [], "usage": usage(outs)})
 
 
 @dataclass
 class Answer:
-    """What one request's answer looks like: its id, the ``model`` it named, its kind, options."""
+    """One choice of an answer (``index``; several with ``n``): its id, the ``model`` it named,
+    its kind, options, and what it has streamed so far."""
 
     request_id: str
     model: str
@@ -45,17 +57,18 @@ class Answer:
     include_usage: bool = False
     token_text: Callable[[int], str] = str
     echo: Callable[[RequestOutput], str] | None = None  # completions' echo: the prompt's text
+    index: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     _started: bool = False
     _text_offset: int = 0  # where the next token's text starts (completions' text_offset)
 
-    def _head(self, chunk: bool) -> dict:
+    def head(self, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model}
 
-    def whole(self, out: RequestOutput) -> dict:
-        """The non-streaming body of a finished request."""
-        choice = {"index": 0}
+    def choice(self, out: RequestOutput) -> dict:
+        """This choice of a finished request, whole."""
+        choice = {"index": self.index}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
@@ -63,7 +76,7 @@ class Answer:
         choice |= {"logprobs": self._logprobs(out, out.logprobs, True), "finish_reason": out.finish_reason}
         if self.token_ids:
             choice |= {"prompt_token_ids": list(out.prompt_token_ids), "token_ids": list(out.token_ids)}
-        return self._head(False) | {"choices": [choice], "usage": usage(out)}
+        return choice
 
     def _echoed(self, out: RequestOutput, first: bool) -> str:
         return self.echo(out) if self.echo is not None and first else ""
@@ -96,7 +109,8 @@ class Answer:
                 "text_offset": offsets}
 
     def chunks(self, out: RequestOutput) -> Iterator[str]:
-        """The SSE events for one output (none for one that adds nothing a client would see)."""
+        """The SSE events for one output of this choice (none for one that adds nothing a client
+        would see); the usage event is the caller's (``usage_event``), after every choice."""
         if out.error is not None:  # the engine failed this request: say why, then end the stream
             yield sse(error_body(500, f"the request failed: {out.error}", None, "internal_error"))
             return
@@ -106,18 +120,16 @@ class Answer:
         self._started = True
         if self.chat:
             delta = {"role": "assistant", "content": out.new_text} if first else {"content": out.new_text}
-            choice = {"index": 0, "delta": delta}
+            choice = {"index": self.index, "delta": delta}
         else:
-            choice = {"index": 0, "text": self._echoed(out, first) + out.new_text}
+            choice = {"index": self.index, "text": self._echoed(out, first) + out.new_text}
         new = out.new_logprobs if out.logprobs is not None else None
         choice |= {"logprobs": self._logprobs(out, new, first), "finish_reason": out.finish_reason}
         if self.token_ids:
             if first:
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)
             choice["token_ids"] = list(out.new_token_ids)
-        body = self._head(True) | {"choices": [choice]}
+        body = self.head(True) | {"choices": [choice]}
         if self.include_usage:
             body["usage"] = None
         yield sse(body)
-        if out.finished and self.include_usage:
-            yield sse(self._head(True) | {"choices": [], "usage": usage(out)})

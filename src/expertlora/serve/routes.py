@@ -22,7 +22,7 @@ from ..runtime.adapters import check_name
 from ..runtime.errors import UnknownAdapter
 from .auth import require_api_key
 from .errors import ENGINE_ERRORS, APIError, from_engine
-from .responses import DONE, Answer
+from .responses import DONE, Answer, usage_event, whole
 from .schemas import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest
 from .state import ServerState
 
@@ -54,53 +54,67 @@ async def _generate(state: ServerState, request: Request, body, prompt, chat: bo
     body.check_supported()
     adapter = state.resolve_model(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    handle = await _admit(state, partial(_add_request, state, prompt, adapter, body, chat, request_id))
-    state.answering(handle)
-    tracker = state.metrics.track(adapter, arrival)
+    n = body.n or 1
+    handles = await _admit(state, partial(_add_requests, state, prompt, adapter, body, chat, request_id, n))
+    for handle in handles:
+        state.answering(handle)
+    trackers = [state.metrics.track(adapter, arrival) for _ in handles]
     echo = None
     if not chat and body.echo:
         echo = (lambda out: prompt) if isinstance(prompt, str) else (lambda out: state.prompt_text(out.prompt_token_ids))
-    answer = Answer(request_id, body.model, chat, body.return_token_ids, body.include_usage, state.token_text, echo)
+    answers = [Answer(request_id, body.model, chat, body.return_token_ids, body.include_usage, state.token_text, echo, index=i)
+               for i in range(n)]
     if body.stream:
-        return StreamingResponse(_events(handle, tracker, answer), media_type="text/event-stream",
+        return StreamingResponse(_events(handles, trackers, answers), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    out = await _final(request, handle, tracker)
-    if out is None:  # the client left; nobody reads this
+    outs = await _finals(request, handles, trackers)
+    if outs is None:  # the client left; nobody reads this
         return Response(status_code=499)
-    if out.error is not None:
-        raise APIError(500, f"the request failed: {out.error}", None, "internal_error")
-    return JSONResponse(answer.whole(out))
+    failed = next((out for out in outs if out.error is not None), None)
+    if failed is not None:
+        raise APIError(500, f"the request failed: {failed.error}", None, "internal_error")
+    return JSONResponse(whole(answers, outs))
 
 
-def _add_request(state: ServerState, prompt, adapter: str | None, body, chat: bool, request_id: str) -> RequestHandle:
-    """Tokenize, size and queue one request (admission thread)."""
+def _add_requests(state: ServerState, prompt, adapter: str | None, body, chat: bool, request_id: str, n: int) -> list[RequestHandle]:
+    """Tokenize, size and queue one request's n choices (admission thread): all or none."""
     engine = state.engine
     ids = engine.prompt_ids(prompt)
     default_max = engine.max_model_len - len(ids) if chat else COMPLETIONS_MAX_TOKENS
-    return engine.add_request(ids, adapter, body.sampling(default_max), request_id)
+    samplings = [body.sampling(default_max, choice=i) for i in range(n)]
+    handles = []
+    try:
+        for i, sampling in enumerate(samplings):
+            handles.append(engine.add_request(ids, adapter, sampling, request_id if n == 1 else f"{request_id}-{i}"))
+    except BaseException:
+        for handle in handles:
+            handle.abort()
+        raise
+    return handles
 
 
-async def _admit(state: ServerState, add) -> RequestHandle:
-    """Run ``add`` on the admission thread. If this task is cancelled meanwhile, the request it
-    queued is aborted as soon as it exists."""
+async def _admit(state: ServerState, add) -> list[RequestHandle]:
+    """Run ``add`` on the admission thread. If this task is cancelled meanwhile, the requests it
+    queued are aborted as soon as they exist."""
     future = asyncio.get_running_loop().run_in_executor(state.admission, add)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().abort())
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or [h.abort() for h in f.result()])
         raise
 
 
-async def _final(request: Request, handle: RequestHandle, tracker):
-    """The final output, or None if the client disconnected first (then the request is aborted)."""
+async def _finals(request: Request, handles: list[RequestHandle], trackers) -> list | None:
+    """Each choice's final output, or None if the client disconnected first (then every request
+    still running is aborted)."""
 
-    async def collect():
+    async def collect(handle, tracker):
         async for out in handle.stream():
             tracker.observe(out)
             if out.finished:
                 return out
 
-    collecting = asyncio.ensure_future(collect())
+    collecting = asyncio.ensure_future(asyncio.gather(*(collect(h, t) for h, t in zip(handles, trackers))))
     leaving = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
@@ -108,7 +122,7 @@ async def _final(request: Request, handle: RequestHandle, tracker):
     finally:
         leaving.cancel()
         collecting.cancel()
-        _end(handle, tracker)
+        _end(handles, trackers)
 
 
 async def _disconnected(request: Request) -> None:
@@ -117,23 +131,43 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _events(handle: RequestHandle, tracker, answer: Answer):
-    """The SSE stream. Starlette cancels it when the client disconnects: the request is aborted then."""
+async def _events(handles: list[RequestHandle], trackers, answers: list[Answer]):
+    """The SSE stream, every choice's outputs as they come. Starlette cancels it when the client
+    disconnects: the requests are aborted then."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int):
+        async for out in handles[i].stream():
+            await merged.put((i, out))
+
+    pumps = [asyncio.ensure_future(pump(i)) for i in range(len(handles))]
+    finals = [None] * len(handles)
     try:
-        async for out in handle.stream():
-            tracker.observe(out)
-            for chunk in answer.chunks(out):
+        while None in finals:
+            i, out = await merged.get()
+            trackers[i].observe(out)
+            for chunk in answers[i].chunks(out):
                 yield chunk
+            if out.error is not None:  # said in the stream; the other choices end with it
+                break
+            if out.finished:
+                finals[i] = out
+        else:
+            if answers[0].include_usage:
+                yield usage_event(answers, finals)
         yield DONE
     finally:
-        _end(handle, tracker)
+        for task in pumps:
+            task.cancel()
+        _end(handles, trackers)
 
 
-def _end(handle: RequestHandle, tracker) -> None:
+def _end(handles: list[RequestHandle], trackers) -> None:
     """However the answer ended: a request still running is aborted (its cache slot freed now)."""
-    if not handle.finished:
-        handle.abort()
-    tracker.abandoned(len(handle.prompt_token_ids))
+    for handle, tracker in zip(handles, trackers):
+        if not handle.finished:
+            handle.abort()
+        tracker.abandoned(len(handle.prompt_token_ids))
 
 
 # -- models and adapters -----------------------------------------------------------------------

@@ -17,6 +17,7 @@ MAX_MODEL_CHARS = 512
 MAX_PROMPT_IDS = 1 << 20  # the engine then checks them against its context
 MAX_CONTENT_PARTS = 1024
 MAX_PATH_CHARS = 4096
+MAX_CHOICES = 16  # n: completions of one prompt (each a request of its own in the engine)
 
 
 class _Body(BaseModel):
@@ -55,8 +56,8 @@ class _Generation(_Body):
 
     def check_supported(self) -> None:
         """Refuse (400, naming the field) what would change the output but is not implemented."""
-        if self.n not in (None, 1):
-            raise APIError(400, f"n: only n = 1 is supported, found {self.n}; send several requests instead", "n", "unsupported")
+        if self.n is not None and not 1 <= self.n <= MAX_CHOICES:
+            raise APIError(400, f"n: expected 1 to {MAX_CHOICES} choices, found {self.n}", "n", "invalid_value")
         for name, neutral in self.NEUTRAL.items():
             value = getattr(self, name)
             if not any(value == v and type(value) is type(v) for v in neutral):
@@ -64,8 +65,9 @@ class _Generation(_Body):
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options: only with stream = true", "stream_options", "invalid_value")
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
-        """The engine's SamplingParams; OpenAI's defaults (temperature 1, top_p 1) where unset."""
+    def sampling(self, default_max_tokens: int, choice: int = 0) -> SamplingParams:
+        """The engine's SamplingParams for choice ``choice`` of ``n``; OpenAI's defaults
+        (temperature 1, top_p 1) where unset. With a seed, choice i draws from seed + i (as vLLM)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         max_tokens = self.requested_max_tokens()
         try:
@@ -74,7 +76,7 @@ class _Generation(_Body):
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=0 if self.top_k in (None, -1) else self.top_k,
-                seed=self.seed, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+                seed=None if self.seed is None else self.seed + choice, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
                 logprobs=self.requested_logprobs(), prompt_logprobs=self.requested_prompt_logprobs(),
             )
         except ValueError as e:  # SamplingParams names the field first: "top_p: expected ..."
