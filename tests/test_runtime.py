@@ -527,3 +527,37 @@ def test_logprob_entries_in_blocks_are_the_float64_math(monkeypatch):
         assert entry.token_id == targets[i] and abs(entry.logprob - ref[i, targets[i]].item()) <= 1e-6 * max(1, abs(ref[i, targets[i]].item()))
         assert [t for t, _ in entry.top] == (ref[i].topk(ks[i]).indices.tolist() if ks[i] else [])
         assert all(abs(v - ref[i, t].item()) <= 1e-5 for t, v in entry.top)
+
+
+def test_penalties_and_logit_bias_choose_as_openai_defines_them(model_dir, fused_adapter):
+    """Greedy with presence / frequency penalties and a logit bias, beside a plain request: each
+    token is the argmax of transformers + PEFT's logits (float64) less the penalties over the
+    tokens generated before it, plus the bias; a bias of 100 forces its token; log-probabilities
+    stay the raw logits'."""
+    math_dir, peft_math, _ = fused_adapter("qwen3_moe")
+    settings = [dict(presence_penalty=1.5, frequency_penalty=0.7), dict(frequency_penalty=-0.3, logit_bias={9: 0.4, 30: -0.2}),
+                dict(logit_bias={7: 100.0}), dict()]
+    prompts = [ids(6, 90 + i) for i in range(len(settings))]
+    sampling = [SamplingParams(max_tokens=8, ignore_eos=True, logprobs=0, **kw) for kw in settings]
+    with Engine(EngineConfig(model_dir("qwen3_moe"), method="fp32", adapters={"math": math_dir}, max_num_seqs=4, max_model_len=48)) as e:
+        outs = e.generate(prompts, "math", sampling)
+    assert list(outs[2].token_ids) == [7] * 8
+    for out, prompt, s in zip(outs, prompts, sampling):
+        x = torch.tensor([prompt + list(out.token_ids)])
+        with torch.no_grad():
+            raw = peft_math(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, len(prompt) - 1 : -1].double()
+        for j, token in enumerate(out.token_ids):
+            counts = torch.bincount(torch.tensor(out.token_ids[:j], dtype=torch.long), minlength=raw.shape[1]).double()
+            want = raw[j] - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).double()
+            for t, b in s.logit_bias:
+                want[t] += b
+            top2 = want.topk(2).values
+            if top2[0] - top2[1] > 1e-4:  # not a near-tie
+                assert token == int(want.argmax()), (s, j)
+            assert abs(out.logprobs[j].logprob - raw[j].log_softmax(-1)[token].item()) <= 1e-5 * max(1.0, abs(out.logprobs[j].logprob))
+    assert len(set(outs[0].token_ids)) == 8  # the presence penalty outweighs the tiny model's logit spread: no repeats
+    for bad, needle in (({"logit_bias": {5: 101}}, "logit_bias: token 5's bias"), ({"logit_bias": {-1: 1}}, "logit_bias"),
+                        ({"logit_bias": [1, 2]}, "logit_bias: expected a dict"), ({"presence_penalty": 2.5}, "presence_penalty"),
+                        ({"frequency_penalty": float("nan")}, "frequency_penalty"), ({"logit_bias": {i: 1 for i in range(301)}}, "at most 300")):
+        with pytest.raises(ValueError, match=needle):
+            SamplingParams(**bad)

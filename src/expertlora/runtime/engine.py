@@ -134,6 +134,9 @@ class Engine:
                 f"{len(ids)} prompt tokens + max_tokens {sampling.max_tokens} exceed the context of {self.max_model_len} tokens",
                 param="max_tokens",
             )
+        bad = next((t for t, _ in sampling.logit_bias if t >= self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"logit_bias: token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="logit_bias")
         request_id = request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(request_id, adapter, tuple(ids), self)
         request = Request(request_id, ids, adapter, sampling, handle, frozenset() if sampling.ignore_eos else self.eos_ids,

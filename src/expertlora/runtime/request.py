@@ -25,6 +25,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20  # alternatives per token (vLLM's default max_logprobs, OpenAI's chat limit)
+MAX_LOGIT_BIAS = 300  # biased tokens per request
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,21 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # OpenAI's: each token's logit less presence_penalty if it was generated already, less
+    # frequency_penalty per time it was, plus its logit_bias ((token id, bias) pairs)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest tokens'
     prompt_logprobs: int | None = None  # the same for each prompt token after the first
 
     def __post_init__(self):
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        try:
+            object.__setattr__(self, "logit_bias", tuple(dict(self.logit_bias).items()))
+        except (TypeError, ValueError):
+            raise ValueError("logit_bias: expected a dict (or pairs) of token id -> bias") from None
         check_int("max_tokens", self.max_tokens, 1)
         check_int("top_k", self.top_k, 0)
         if self.seed is not None:
@@ -67,7 +77,9 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 0, MAX_LOGPROBS)
-        for name, value, low, high, low_open in (("temperature", self.temperature, 0.0, 100.0, False), ("top_p", self.top_p, 0.0, 1.0, True)):
+        for name, value, low, high, low_open in (("temperature", self.temperature, 0.0, 100.0, False), ("top_p", self.top_p, 0.0, 1.0, True),
+                                                 ("presence_penalty", self.presence_penalty, -2.0, 2.0, False),
+                                                 ("frequency_penalty", self.frequency_penalty, -2.0, 2.0, False)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name}: expected a finite number, found {value!r}")
             if value > high or value < low or (low_open and value == low):
@@ -78,10 +90,20 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids: expected at most {MAX_STOP_TOKEN_IDS} ids, found {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
             check_int("stop_token_ids", t, 0)
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: expected at most {MAX_LOGIT_BIAS} tokens, found {len(self.logit_bias)}")
+        for t, bias in self.logit_bias:
+            check_int("logit_bias", t, 0)
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias: token {t}'s bias: expected a number from -100 to 100, found {bias!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)

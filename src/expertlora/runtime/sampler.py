@@ -22,13 +22,31 @@ def new_generator(sampling: SamplingParams) -> torch.Generator | None:
 
 
 def sample(logits: torch.Tensor, requests: tuple[Request, ...]) -> list[int]:
-    """``logits`` [n, V] (row i for requests[i]) -> one token id per request."""
+    """``logits`` [n, V] (row i for requests[i]) -> one token id per request, after each request's
+    penalties and logit bias (the raw logits stay as they are: log-probabilities report them)."""
     logits = logits.float()
+    adjusted = [i for i, r in enumerate(requests) if r.sampling.adjusts_logits]
+    if adjusted:
+        logits = logits.clone()
+        for i in adjusted:
+            logits[i] = adjust(logits[i], requests[i].sampling, requests[i].output_ids)
     tokens = logits.argmax(-1).tolist()
     for i, r in enumerate(requests):
         if not r.sampling.greedy:
             tokens[i] = _draw(logits[i].cpu(), r.sampling, r.generator)
     return tokens
+
+
+def adjust(logits: torch.Tensor, s: SamplingParams, output_ids: list[int]) -> torch.Tensor:
+    """One request's logits [V] with OpenAI's presence and frequency penalties over the tokens it
+    has generated, and its logit bias."""
+    if output_ids and (s.presence_penalty or s.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.numel())[: logits.numel()].float()
+        logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).float()
+    if s.logit_bias:
+        ids, biases = zip(*s.logit_bias)
+        logits = logits.index_add(0, torch.tensor(ids, device=logits.device), torch.tensor(biases, device=logits.device, dtype=logits.dtype))
+    return logits
 
 
 def _draw(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator) -> int:
