@@ -369,14 +369,28 @@ def test_n_choices_are_the_engines_with_seeds_in_turn(served, client):
     assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content == chat.choices[1].message.content
 
 
-ODD_VALUES = [None, True, False, 0, 1, 2, 5, 20, 21, -1, 2**63, 0.5, float("nan"), "", "x", [], [1], {}, {"a": 1}]
+def test_penalties_and_logit_bias_over_http_are_the_engines(served, client):
+    engine = served.engine
+    prompt = random_ids(5, seed=random.randrange(1 << 30))
+    kw = dict(presence_penalty=1.2, frequency_penalty=0.4, logit_bias={11: 0.3, 12: -0.5})
+    mine = engine.generate([prompt], ["alpha"], [greedy(8, **kw)])[0]
+    r = complete(client, "alpha", prompt, 8, presence_penalty=1.2, frequency_penalty=0.4, logit_bias={"11": 0.3, "12": -0.5})
+    assert tuple(r.choices[0].token_ids) == mine.token_ids != alone(engine, prompt, "alpha", greedy(8))
+    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "t5"}], max_tokens=4, temperature=0,
+                                          logit_bias={"7": 100}, extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert chat.choices[0].token_ids == [7, 7, 7, 7]
+
+
+ODD_VALUES = [None, True, False, 0, 1, 2, 5, 20, 21, -1, 2**63, 0.5, float("nan"), "", "x", [], [1], {}, {"a": 1}, {"7": 3},
+              {"95": -100.0}, {"7": float("inf")}]
 
 
 def _odd_bodies():
     from hypothesis import strategies as st
 
     fields = ["logprobs", "top_logprobs", "echo", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "stream",
-              "return_token_ids", "n", "max_tokens", "max_completion_tokens", "stop_token_ids"]
+              "return_token_ids", "n", "max_tokens", "max_completion_tokens", "stop_token_ids", "presence_penalty",
+              "frequency_penalty", "logit_bias"]
     return st.tuples(st.booleans(), st.dictionaries(st.sampled_from(fields), st.sampled_from(ODD_VALUES), max_size=5))
 
 
@@ -426,7 +440,12 @@ def test_bad_requests_are_400(served, client):
         (lambda: complete(client, "tiny", [p, p], 4), "one prompt per request, found 2", "prompt"),
         (lambda: complete(client, "tiny", [], 4), "at least one token", "prompt"),
         (lambda: complete(client, "tiny", [1, True], 4), "expected a string or a list", "prompt"),
-        (lambda: complete(client, "tiny", p, 4, frequency_penalty=0.5), "frequency_penalty: not supported", "frequency_penalty"),
+        (lambda: complete(client, "tiny", p, 4, frequency_penalty=2.5), "frequency_penalty: expected >= -2.0 and <= 2.0", "frequency_penalty"),
+        (lambda: complete(client, "tiny", p, 4, presence_penalty="high"), "presence_penalty: .*number", "presence_penalty"),
+        (lambda: complete(client, "tiny", p, 4, logit_bias={"t5": 1}), "logit_bias: keys are token ids, found 't5'", "logit_bias"),
+        (lambda: complete(client, "tiny", p, 4, logit_bias={"96": 1}), r"logit_bias: token id 96 is outside the vocabulary \[0, 96\)", "logit_bias"),
+        (lambda: complete(client, "tiny", p, 4, logit_bias={"5": 101}), "logit_bias: token 5's bias: expected a number from -100 to 100", "logit_bias"),
+        (lambda: complete(client, "tiny", p, 4, logit_bias={str(i): 1 for i in range(301)}), "logit_bias", "logit_bias"),
         (lambda: complete(client, "tiny", p, 4, logprobs=21), "logprobs: expected an integer >= 0 and <= 20, found 21", "logprobs"),
         (lambda: complete(client, "tiny", p, 4, logprobs=True), "logprobs: .*integer", "logprobs"),
         (lambda: complete(client, "tiny", p, 4, echo="yes"), "echo: .*boolean", "echo"),

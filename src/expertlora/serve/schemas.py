@@ -10,7 +10,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from ..runtime.engine import MAX_CHAT_MESSAGES
-from ..runtime.request import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
+from ..runtime.request import MAX_LOGIT_BIAS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
 from .errors import APIError
 
 MAX_MODEL_CHARS = 512
@@ -46,13 +46,11 @@ class _Generation(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: Annotated[StrictStr, Field(max_length=256)] | None = None  # an end-user id: accepted, unused
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: Annotated[dict[StrictStr, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None  # token id (a string) -> bias
     # OpenAI settings this server does not implement: accepted only at their neutral value.
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logit_bias: Any = None
-
-    NEUTRAL: ClassVar[dict[str, tuple]] = {"frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-                                  "logit_bias": (None, {})}
+    NEUTRAL: ClassVar[dict[str, tuple]] = {}
 
     def check_supported(self) -> None:
         """Refuse (400, naming the field) what would change the output but is not implemented."""
@@ -78,6 +76,8 @@ class _Generation(_Body):
                 top_k=0 if self.top_k in (None, -1) else self.top_k,
                 seed=None if self.seed is None else self.seed + choice, stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
                 logprobs=self.requested_logprobs(), prompt_logprobs=self.requested_prompt_logprobs(),
+                presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                logit_bias=self.token_biases(),
             )
         except ValueError as e:  # SamplingParams names the field first: "top_p: expected ..."
             message, field = str(e), str(e).split(":", 1)[0]
@@ -88,6 +88,15 @@ class _Generation(_Body):
             raise APIError(400, message, field, "invalid_value") from None
 
     LOGPROBS_FIELD: ClassVar[str] = "logprobs"  # the field that carries the number of alternatives
+
+    def token_biases(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids (OpenAI sends them as strings)."""
+        biases = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
+                raise APIError(400, f"logit_bias: keys are token ids, found {key[:40]!r}", "logit_bias", "invalid_value")
+            biases[int(key)] = bias
+        return biases
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
