@@ -13,8 +13,9 @@ from expertlora import tiny
 FAMILY = "qwen3_moe"
 VOCAB = 96
 # Words the tiny word-level tokenizer knows ("t2" .. "t95"): each message becomes "t3 <content>",
-# and the generation prompt "t2".
-CHAT_TEMPLATE = "{% for m in messages %}t3 {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t2{% endif %}"
+# the generation prompt "t2". A template variable: ``terse`` ends the prompt with "t4" too.
+CHAT_TEMPLATE = ("{% for m in messages %}t3 {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t2{% endif %}"
+                 "{% if terse %} t4{% endif %}")
 
 
 def build_model(root: Path) -> tuple[Path, dict[str, tuple[Path, object]]]:

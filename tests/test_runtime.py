@@ -341,13 +341,17 @@ def test_prompts_file_lines_are_checked(tmp_path):
         ('[1, 2]', "a JSON object"),
         ('{"id": "b", "prompt_ids": [1]', "invalid JSON"),
         ('{"id": "b", "prompt_ids": [1], "max_tokens": 2, "max_new_tokens": 3}', "line 2: max_tokens: expected one of max_new_tokens and max_tokens"),
+        ('{"id": "b", "prompt_ids": [1], "chat_template_kwargs": {"a": 1}}', "line 2: chat_template_kwargs: expected an object of template variables, with messages"),
+        ('{"id": "b", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": [1]}', "line 2: chat_template_kwargs"),
     ):
         path = tmp_path / "jobs.jsonl"
         path.write_text(good + "\n" + line + "\n")
         with pytest.raises(AdapterError, match=needle.replace("(", r"\(")):
             read_jobs(path)
-    path.write_text(good + "\n\n" + '{"id": "openai", "prompt_ids": [1], "max_tokens": 5}' + "\n")
-    job, openai_named = read_jobs(path)
+    thinking = '{"id": "q3", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"enable_thinking": false}}'
+    path.write_text(good + "\n\n" + '{"id": "openai", "prompt_ids": [1], "max_tokens": 5}' + "\n" + thinking + "\n")
+    job, openai_named, chat = read_jobs(path)
+    assert chat.chat_template_kwargs == {"enable_thinking": False} and job.chat_template_kwargs is None
     assert job.sampling.max_tokens == 3 and job.sampling.stop == ("x",) and job.adapter is None
     assert openai_named.sampling.max_tokens == 5  # OpenAI's name for max_new_tokens
 

@@ -381,6 +381,29 @@ def test_penalties_and_logit_bias_over_http_are_the_engines(served, client):
     assert chat.choices[0].token_ids == [7, 7, 7, 7]
 
 
+def test_chat_template_kwargs_reach_the_template(served, client):
+    """vLLM's and SGLang's chat_template_kwargs (Qwen3's enable_thinking is one) are the template's
+    variables; apply_chat_template's own arguments and odd values are refused by field."""
+    messages = [{"role": "user", "content": "t5 t9"}]
+
+    def prompt_ids(**extra):
+        r = client.chat.completions.create(model="alpha", messages=messages, max_tokens=1, temperature=0,
+                                           extra_body={"return_token_ids": True} | extra)
+        return r.choices[0].prompt_token_ids
+
+    plain = prompt_ids()
+    assert plain == [3, 5, 9, 2] and prompt_ids(chat_template_kwargs={}) == plain
+    assert prompt_ids(chat_template_kwargs={"terse": True, "enable_thinking": False}) == plain + [4]
+    assert prompt_ids(chat_template_kwargs={"terse": False}) == plain
+    for kwargs, needle in (({"tokenize": False}, "'tokenize' is not a template variable name"),
+                           ({"add_generation_prompt": False}, "'add_generation_prompt' is not"), ({"1x": 1}, "'1x' is not"),
+                           ({"terse": [1]}, "terse: expected a boolean, number"), ({"terse": "x" * 1025}, "terse: expected"),
+                           ({f"k{i}": 1 for i in range(33)}, "chat_template_kwargs")):
+        refused(lambda: prompt_ids(chat_template_kwargs=kwargs), 400, needle, "chat_template_kwargs")
+    refused(lambda: complete(client, "alpha", [5], 1, extra_body={"chat_template_kwargs": {"terse": True}}), 400,
+            "chat_template_kwargs: unknown field", "chat_template_kwargs")
+
+
 ODD_VALUES = [None, True, False, 0, 1, 2, 5, 20, 21, -1, 2**63, 0.5, float("nan"), "", "x", [], [1], {}, {"a": 1}, {"7": 3},
               {"95": -100.0}, {"7": float("inf")}]
 

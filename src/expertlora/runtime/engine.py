@@ -20,7 +20,7 @@ import threading
 import time
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,24 @@ from .sampler import logprob_entries, new_generator, sample, token_logprobs
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+MAX_TEMPLATE_KWARGS = 32
+# apply_chat_template's own arguments: a template variable may not replace them
+TEMPLATE_ARGUMENTS = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                                "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                                "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def check_template_kwargs(kwargs: dict) -> None:
+    """Chat template variables: a few, named as identifiers, with plain values."""
+    if len(kwargs) > MAX_TEMPLATE_KWARGS:
+        raise RequestError(f"chat_template_kwargs: expected at most {MAX_TEMPLATE_KWARGS}, found {len(kwargs)}", param="chat_template_kwargs")
+    for key, value in kwargs.items():
+        if not (isinstance(key, str) and key.isidentifier() and len(key) <= 64) or key in TEMPLATE_ARGUMENTS:
+            raise RequestError(f"chat_template_kwargs: {str(key)[:64]!r} is not a template variable name", param="chat_template_kwargs")
+        if not (value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 1024)):
+            raise RequestError(f"chat_template_kwargs: {key}: expected a boolean, number, string of at most 1024 characters or null",
+                               param="chat_template_kwargs")
 Prompt = str | Sequence[int] | Sequence[dict]
 MAX_CHAT_MESSAGES = 1024
 
@@ -176,14 +194,15 @@ class Engine:
         handles = [self.add_request(p, a, s) for p, a, s in zip(prompts, names, settings)]
         return [h.result() for h in handles]
 
-    def prompt_ids(self, prompt: Prompt) -> list[int]:
-        """The token ids of a prompt, checked against the vocabulary and the context."""
+    def prompt_ids(self, prompt: Prompt, chat_template_kwargs: Mapping[str, object] | None = None) -> list[int]:
+        """The token ids of a prompt, checked against the vocabulary and the context.
+        ``chat_template_kwargs``: variables for the chat template (Qwen3's ``enable_thinking``)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError(f"{self.config.model}: the checkpoint has no tokenizer; give the prompt as token ids", param="prompt")
             ids = self.tokenizer(prompt)["input_ids"]
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
-            ids = self._chat_ids(prompt)
+            ids = self._chat_ids(prompt, dict(chat_template_kwargs or {}))
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
@@ -197,7 +216,7 @@ class Engine:
             raise RequestError(f"prompt: token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
         return ids
 
-    def _chat_ids(self, messages: Sequence[dict]) -> list[int]:
+    def _chat_ids(self, messages: Sequence[dict], template_kwargs: dict) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise RequestError(f"{self.config.model}: the checkpoint's tokenizer has no chat template; send a plain prompt", param="messages")
         if len(messages) > MAX_CHAT_MESSAGES:
@@ -205,8 +224,9 @@ class Engine:
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise RequestError("messages: each message needs a string role and string content", param="messages")
+        check_template_kwargs(template_kwargs)
         try:
-            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **template_kwargs)
         except Exception as e:  # the template is the checkpoint's own code (Jinja): report it, one line
             raise RequestError(f"messages: the chat template failed: {type(e).__name__}: {e}".splitlines()[0], param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):  # a BatchEncoding in newer transformers

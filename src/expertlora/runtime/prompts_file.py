@@ -4,7 +4,8 @@ Each line is one JSON object: ``id`` (string), exactly one of ``prompt_ids`` (to
 ``prompt`` (text) or ``messages`` (chat), and optionally ``adapter`` (a loaded name; null or absent:
 the base), ``max_new_tokens`` (or OpenAI's name, ``max_tokens``), ``temperature``, ``top_p``,
 ``top_k``, ``seed``, ``stop``, ``ignore_eos``, ``logprobs`` (alternatives per token, up to 20: the
-result then holds each generated token's ``{token_id, logprob, top}``). Every line is checked before anything runs; a bad
+result then holds each generated token's ``{token_id, logprob, top}``), and with ``messages``
+``chat_template_kwargs`` (the template's variables, as vLLM takes them). Every line is checked before anything runs; a bad
 one is an error naming it.
 """
 
@@ -24,7 +25,7 @@ MAX_LINES = 1_000_000
 PROMPT_KEYS = ("prompt_ids", "prompt", "messages")
 SAMPLING_KEYS = {"max_new_tokens": "max_tokens", "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                  "seed": "seed", "stop": "stop", "ignore_eos": "ignore_eos", "logprobs": "logprobs"}
-KNOWN_KEYS = {"id", "adapter", *PROMPT_KEYS, *SAMPLING_KEYS}
+KNOWN_KEYS = {"id", "adapter", "chat_template_kwargs", *PROMPT_KEYS, *SAMPLING_KEYS}
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Job:
     prompt: str | list
     adapter: str | None
     sampling: SamplingParams
+    chat_template_kwargs: dict | None = None  # with messages: the chat template's variables
 
 
 def read_jobs(path: Path, default_max_tokens: int = 32) -> list[Job]:
@@ -103,7 +105,10 @@ def _job(path: Path, number: int, raw: bytes, default_max_tokens: int) -> Job:
         sampling = SamplingParams(**settings)
     except (TypeError, ValueError) as e:
         raise AdapterError(path, where, "valid sampling settings", str(e)) from None
-    return Job(number, obj["id"], prompt, adapter, sampling)
+    template_kwargs = obj.get("chat_template_kwargs")
+    if template_kwargs is not None and not (isinstance(template_kwargs, dict) and "messages" in obj):
+        raise AdapterError(path, f"{where}: chat_template_kwargs", "an object of template variables, with messages", _short(template_kwargs))
+    return Job(number, obj["id"], prompt, adapter, sampling, template_kwargs)
 
 
 def _short(value) -> str:
@@ -120,7 +125,7 @@ def check_jobs(path: Path, jobs: list[Job], engine: Engine) -> list[list[int]]:
         if job.adapter is not None and job.adapter not in engine.adapter_names:
             raise AdapterError(path, f"line {job.line}: adapter", f"one of the --adapter names ({', '.join(engine.adapter_names) or 'none given'}) or null", repr(job.adapter))
         try:
-            ids = engine.prompt_ids(job.prompt)
+            ids = engine.prompt_ids(job.prompt, job.chat_template_kwargs)
         except RequestError as e:
             raise AdapterError(path, f"line {job.line}", "a prompt this model can run", str(e)) from None
         if len(ids) + job.sampling.max_tokens > engine.max_model_len:

@@ -79,7 +79,7 @@ async def _generate(state: ServerState, request: Request, body, prompt, chat: bo
 def _add_requests(state: ServerState, prompt, adapter: str | None, body, chat: bool, request_id: str, n: int) -> list[RequestHandle]:
     """Tokenize, size and queue one request's n choices (admission thread): all or none."""
     engine = state.engine
-    ids = engine.prompt_ids(prompt)
+    ids = engine.prompt_ids(prompt, body.chat_template_kwargs if chat else None)
     default_max = engine.max_model_len - len(ids) if chat else COMPLETIONS_MAX_TOKENS
     samplings = [body.sampling(default_max, choice=i) for i in range(n)]
     handles = []

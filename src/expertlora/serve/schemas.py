@@ -9,7 +9,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from ..runtime.engine import MAX_CHAT_MESSAGES
+from ..runtime.engine import MAX_CHAT_MESSAGES, MAX_TEMPLATE_KWARGS
 from ..runtime.request import MAX_LOGIT_BIAS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
 from .errors import APIError
 
@@ -173,6 +173,8 @@ class ChatCompletionRequest(_Generation):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
     max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
+    # the chat template's variables, as vLLM and SGLang take them (Qwen3's enable_thinking); the engine checks them
+    chat_template_kwargs: Annotated[dict[StrictStr, Any], Field(max_length=MAX_TEMPLATE_KWARGS)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None  # with logprobs: the likeliest tokens per position
     response_format: Any = None
