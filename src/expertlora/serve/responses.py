@@ -56,7 +56,7 @@ class Answer:
     token_ids: bool
     include_usage: bool = False
     token_text: Callable[[int], str] = str
-    echo: Callable[[RequestOutput], str] | None = None  # completions' echo: the prompt's text
+    echo: str | None = None  # completions' echo: the prompt's text
     index: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
     _started: bool = False
@@ -72,14 +72,14 @@ class Answer:
         if self.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
         else:
-            choice |= {"text": self._echoed(out, True) + out.text}
+            choice |= {"text": self._echoed(True) + out.text}
         choice |= {"logprobs": self._logprobs(out, out.logprobs, True), "finish_reason": out.finish_reason}
         if self.token_ids:
             choice |= {"prompt_token_ids": list(out.prompt_token_ids), "token_ids": list(out.token_ids)}
         return choice
 
-    def _echoed(self, out: RequestOutput, first: bool) -> str:
-        return self.echo(out) if self.echo is not None and first else ""
+    def _echoed(self, first: bool) -> str:
+        return self.echo if self.echo is not None and first else ""
 
     def _logprobs(self, out: RequestOutput, entries: tuple[TokenLogprob, ...] | None, first: bool) -> dict | None:
         if entries is None:
@@ -122,7 +122,7 @@ class Answer:
             delta = {"role": "assistant", "content": out.new_text} if first else {"content": out.new_text}
             choice = {"index": self.index, "delta": delta}
         else:
-            choice = {"index": self.index, "text": self._echoed(out, first) + out.new_text}
+            choice = {"index": self.index, "text": self._echoed(first) + out.new_text}
         new = out.new_logprobs if out.logprobs is not None else None
         choice |= {"logprobs": self._logprobs(out, new, first), "finish_reason": out.finish_reason}
         if self.token_ids:

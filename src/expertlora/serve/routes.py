@@ -55,13 +55,10 @@ async def _generate(state: ServerState, request: Request, body, prompt, chat: bo
     adapter = state.resolve_model(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     n = body.n or 1
-    handles = await _admit(state, partial(_add_requests, state, prompt, adapter, body, chat, request_id, n))
+    handles, echo = await _admit(state, partial(_add_requests, state, prompt, adapter, body, chat, request_id, n))
     for handle in handles:
         state.answering(handle)
     trackers = [state.metrics.track(adapter, arrival) for _ in handles]
-    echo = None
-    if not chat and body.echo:
-        echo = (lambda out: prompt) if isinstance(prompt, str) else (lambda out: state.prompt_text(out.prompt_token_ids))
     answers = [Answer(request_id, body.model, chat, body.return_token_ids, body.include_usage, state.token_text, echo, index=i)
                for i in range(n)]
     if body.stream:
@@ -76,10 +73,15 @@ async def _generate(state: ServerState, request: Request, body, prompt, chat: bo
     return JSONResponse(whole(answers, outs))
 
 
-def _add_requests(state: ServerState, prompt, adapter: str | None, body, chat: bool, request_id: str, n: int) -> list[RequestHandle]:
-    """Tokenize, size and queue one request's n choices (admission thread): all or none."""
+def _add_requests(state: ServerState, prompt, adapter: str | None, body, chat: bool, request_id: str,
+                  n: int) -> tuple[list[RequestHandle], str | None]:
+    """Tokenize, size and queue one request's n choices (admission thread): all or none. With
+    completions' echo, also the prompt's text (decoded here, off the event loop, once)."""
     engine = state.engine
     ids = engine.prompt_ids(prompt, body.chat_template_kwargs if chat else None)
+    echo = None
+    if not chat and body.echo:
+        echo = prompt if isinstance(prompt, str) else state.prompt_text(ids)
     default_max = engine.max_model_len - len(ids) if chat else COMPLETIONS_MAX_TOKENS
     samplings = [body.sampling(default_max, choice=i) for i in range(n)]
     handles = []
@@ -90,18 +92,24 @@ def _add_requests(state: ServerState, prompt, adapter: str | None, body, chat: b
         for handle in handles:
             handle.abort()
         raise
-    return handles
+    return handles, echo
 
 
-async def _admit(state: ServerState, add) -> list[RequestHandle]:
-    """Run ``add`` on the admission thread. If this task is cancelled meanwhile, the requests it
-    queued are aborted as soon as they exist."""
+async def _admit(state: ServerState, add):
+    """Run ``add`` on the admission thread (it returns the handles it queued, and what else it
+    found). If this task is cancelled meanwhile, those requests are aborted as soon as they exist."""
     future = asyncio.get_running_loop().run_in_executor(state.admission, add)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or [h.abort() for h in f.result()])
+        future.add_done_callback(_abort_admitted)
         raise
+
+
+def _abort_admitted(future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        for handle in future.result()[0]:
+            handle.abort()
 
 
 async def _finals(request: Request, handles: list[RequestHandle], trackers) -> list | None:

@@ -8,7 +8,6 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 from ..runtime import Engine, RequestHandle
@@ -34,7 +33,7 @@ class ServerState:
         self._inflight_lock = threading.Lock()  # the event loop adds, a stopping thread reads
         self.draining = False
         # a token's own text, as log-probabilities name it (decoded on the event loop: cached)
-        self.token_text = functools.lru_cache(maxsize=1 << 16)(partial(token_text, engine.tokenizer))
+        self.token_text = functools.lru_cache(maxsize=1 << 16)(functools.partial(token_text, engine.tokenizer))
 
     def prompt_text(self, ids) -> str:
         """A token-id prompt as text (completions' echo), as the engine's output text is decoded."""
