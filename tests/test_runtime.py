@@ -341,6 +341,8 @@ def test_prompts_file_lines_are_checked(tmp_path):
         ('[1, 2]', "a JSON object"),
         ('{"id": "b", "prompt_ids": [1]', "invalid JSON"),
         ('{"id": "b", "prompt_ids": [1], "max_tokens": 2, "max_new_tokens": 3}', "line 2: max_tokens: expected one of max_new_tokens and max_tokens"),
+        ('{"id": "b", "prompt_ids": [1], "logprobs": 21}', "logprobs: expected an integer >= 0 and <= 20, found 21"),
+        ('{"id": "b", "prompt_ids": [1], "logprobs": true}', "logprobs"),
         ('{"id": "b", "prompt_ids": [1], "chat_template_kwargs": {"a": 1}}', "line 2: chat_template_kwargs: expected an object of template variables, with messages"),
         ('{"id": "b", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": [1]}', "line 2: chat_template_kwargs"),
     ):

@@ -303,6 +303,17 @@ def test_logprobs_over_http_are_the_engines(served, client):
     assert [t for c in streamed for t in c.tokens] == lp.tokens and [o for c in streamed for o in c.text_offset] == lp.text_offset
     assert max(abs(a - b) for a, b in zip([v for c in streamed for v in c.token_logprobs], lp.token_logprobs)) <= 1e-5
     assert complete(client, "alpha", prompt, 3).choices[0].logprobs is None
+    # the base and two adapters at once, each with its log-probabilities: each as the request alone
+    from concurrent.futures import ThreadPoolExecutor
+
+    asks = [("tiny", None), ("alpha", "alpha"), ("tiny", None), ("alpha", "alpha")]
+    prompts = [random_ids(4 + i, seed=random.randrange(1 << 30)) for i in range(len(asks))]
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(lambda a: complete(client, a[0][0], a[1], 6, logprobs=2).choices[0], zip(asks, prompts)))
+    for answer, (_, adapter), p in zip(answers, asks, prompts):
+        single = engine.generate([p], [adapter], [greedy(6, logprobs=2)])[0]
+        assert tuple(answer.token_ids) == single.token_ids
+        assert max(abs(a - e.logprob) for a, e in zip(answer.logprobs.token_logprobs, single.logprobs)) <= 1e-5
 
     messages = [{"role": "user", "content": "t5 t9"}]
     chat_ids = engine.prompt_ids(messages)
